@@ -1,0 +1,65 @@
+"""Safe file output: atomic writes and output folders that never clobber a user's files."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from arithinterp._errors import ArithInterpError
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write `data` to `path` so that readers see either the old file or the whole new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def _json_default(o: Any) -> Any:
+    if hasattr(o, "item"):
+        return o.item()
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def prepare_out_dir(out: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Create `out` for a command's results; refuse a non-empty folder unless `overwrite`.
+
+    With `overwrite` the folder is kept and files of the same name are replaced (atomically) one by one;
+    nothing else in it is deleted.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ArithInterpError(f"--out {str(out)!r} is a file, not a folder; pass a folder path.")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ArithInterpError(
+            f"output folder {str(out)!r} already exists and is not empty; "
+            "pass another --out, or --overwrite to replace its result files."
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    return out

@@ -1,0 +1,101 @@
+"""Resolve a model spec to a transformer-lens `TransformerBridge`.
+
+A spec is, in this order of precedence:
+
+1. the name of a built-in model: a folder `data/models/<name>/` shipped with arithinterp;
+2. a path to an existing local Hugging Face folder (`config.json` + `model.safetensors` + tokenizer);
+3. a Hugging Face hub name such as `gpt2`, fetched (and cached) by `transformers`.
+
+Only safetensors weights, or PyTorch checkpoints that load with `weights_only=True`, are ever read, and
+remote code is never trusted unless the caller asks for it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from arithinterp._errors import ArithInterpError
+
+#: Where the built-in models live: `<repo>/data/models/<name>/`.
+BUILTIN_DIR = Path(__file__).resolve().parent.parent / "data" / "models"
+
+DEFAULT_MODEL = "tiny-add"
+
+
+@dataclass(frozen=True, kw_only=True)
+class BuiltinModel:
+    name: str
+    path: Path
+    description: str
+    size_mb: float
+
+
+def list_builtins() -> list[BuiltinModel]:
+    """The built-in models found under `data/models/` (each folder with a `config.json`)."""
+    found = []
+    if BUILTIN_DIR.is_dir():
+        for d in sorted(BUILTIN_DIR.iterdir()):
+            if (d / "config.json").is_file():
+                card = d / "arithinterp.json"
+                desc = json.loads(card.read_text()).get("description", "") if card.is_file() else ""
+                size = sum(f.stat().st_size for f in d.iterdir() if f.is_file()) / 1e6
+                found.append(BuiltinModel(name=d.name, path=d, description=desc, size_mb=round(size, 2)))
+    return found
+
+
+def resolve(spec: str) -> tuple[str, str]:
+    """Classify `spec`: returns `(kind, location)` with kind one of "builtin", "local", "hub"."""
+    if not spec or not str(spec).strip():
+        raise ArithInterpError("model spec is empty; pass a built-in name (see `arithinterp models`), a folder or a hub name.")
+    spec = str(spec)
+    builtin = BUILTIN_DIR / spec
+    if "/" not in spec and (builtin / "config.json").is_file():
+        return "builtin", str(builtin)
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ArithInterpError(f"model {spec!r} is a file; pass the Hugging Face folder that contains config.json.")
+        if not (path / "config.json").is_file():
+            raise ArithInterpError(f"model folder {spec!r} has no config.json; pass a Hugging Face model folder.")
+        _check_weights(path)
+        return "local", str(path)
+    if spec.startswith((".", "/", "~")) or os.sep in spec and len(spec.split("/")) > 2:
+        raise ArithInterpError(f"model folder {spec!r} does not exist; check the path, or pass a built-in name (see `arithinterp models`).")
+    return "hub", spec
+
+
+def _check_weights(folder: Path) -> None:
+    names = {p.name for p in folder.iterdir()}
+    if any(n.endswith(".safetensors") or n == "model.safetensors.index.json" for n in names):
+        return
+    if any(n.endswith((".bin", ".pt", ".pth")) for n in names):
+        return  # transformers loads these with weights_only=True (torch >= 2.6)
+    raise ArithInterpError(f"model folder {str(folder)!r} has no safetensors or PyTorch weights; save the model with save_pretrained().")
+
+
+def load(spec: str = DEFAULT_MODEL, *, device: str = "cpu", trust_remote_code: bool = False):
+    """Load `spec` as a `TransformerBridge` in eval mode (see the module docstring for the order)."""
+    kind, location = resolve(spec)
+    from transformer_lens.model_bridge import TransformerBridge
+
+    try:
+        bridge = TransformerBridge.boot_transformers(
+            location, device=device, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError, KeyError) as exc:
+        if kind == "hub":
+            raise ArithInterpError(
+                f"could not fetch model {spec!r} from the Hugging Face hub (offline, or no such model); "
+                "download it where the hub is reachable and pass its folder with --model /path/to/folder."
+            ) from exc
+        raise ArithInterpError(f"could not load model folder {location!r}: {exc}".splitlines()[0]) from exc
+    bridge.eval()
+    bridge.arithinterp_spec = spec  # recorded in every result file
+    return bridge
+
+
+def is_builtin(spec: str) -> bool:
+    return "/" not in spec and (BUILTIN_DIR / spec / "config.json").is_file()
