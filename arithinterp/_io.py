@@ -47,11 +47,10 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-def prepare_out_dir(out: str | os.PathLike, *, overwrite: bool = False) -> Path:
-    """Create `out` for a command's results; refuse a non-empty folder unless `overwrite`.
+def check_out_dir(out: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Refuse an output folder that is a file, or non-empty without `overwrite`; creates nothing.
 
-    With `overwrite` the folder is kept and files of the same name are replaced (atomically) one by one;
-    nothing else in it is deleted.
+    Commands call this before any slow work, and `prepare_out_dir` when they are about to write.
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -61,5 +60,15 @@ def prepare_out_dir(out: str | os.PathLike, *, overwrite: bool = False) -> Path:
             f"output folder {str(out)!r} already exists and is not empty; "
             "pass another --out, or --overwrite to replace its result files."
         )
+    return out
+
+
+def prepare_out_dir(out: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Create `out` for a command's results; refuse a non-empty folder unless `overwrite`.
+
+    With `overwrite` the folder is kept and files of the same name are replaced (atomically) one by one;
+    nothing else in it is deleted.
+    """
+    out = check_out_dir(out, overwrite=overwrite)
     out.mkdir(parents=True, exist_ok=True)
     return out

@@ -19,8 +19,18 @@ from pathlib import Path
 
 from arithinterp._errors import ArithInterpError
 
-#: Where the built-in models live: `<repo>/data/models/<name>/`.
-BUILTIN_DIR = Path(__file__).resolve().parent.parent / "data" / "models"
+
+def _builtin_dir() -> Path:
+    """`<repo>/data/models` in a checkout; `arithinterp/_data/models` inside an installed wheel."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parent / "data" / "models", here / "_data" / "models"):
+        if candidate.is_dir():
+            return candidate
+    return here.parent / "data" / "models"
+
+
+#: Where the built-in models live: `data/models/<name>/`.
+BUILTIN_DIR = _builtin_dir()
 
 DEFAULT_MODEL = "tiny-add"
 
@@ -49,7 +59,9 @@ def list_builtins() -> list[BuiltinModel]:
 def resolve(spec: str) -> tuple[str, str]:
     """Classify `spec`: returns `(kind, location)` with kind one of "builtin", "local", "hub"."""
     if not spec or not str(spec).strip():
-        raise ArithInterpError("model spec is empty; pass a built-in name (see `arithinterp models`), a folder or a hub name.")
+        raise ArithInterpError(
+            "model spec is empty; pass a built-in name (see `arithinterp models`), a folder or a hub name."
+        )
     spec = str(spec)
     builtin = BUILTIN_DIR / spec
     if "/" not in spec and (builtin / "config.json").is_file():
@@ -63,7 +75,9 @@ def resolve(spec: str) -> tuple[str, str]:
         _check_weights(path)
         return "local", str(path)
     if spec.startswith((".", "/", "~")) or os.sep in spec and len(spec.split("/")) > 2:
-        raise ArithInterpError(f"model folder {spec!r} does not exist; check the path, or pass a built-in name (see `arithinterp models`).")
+        raise ArithInterpError(
+            f"model folder {spec!r} does not exist; check the path, or pass a built-in name (see `arithinterp models`)."
+        )
     return "hub", spec
 
 
@@ -73,7 +87,9 @@ def _check_weights(folder: Path) -> None:
         return
     if any(n.endswith((".bin", ".pt", ".pth")) for n in names):
         return  # transformers loads these with weights_only=True (torch >= 2.6)
-    raise ArithInterpError(f"model folder {str(folder)!r} has no safetensors or PyTorch weights; save the model with save_pretrained().")
+    raise ArithInterpError(
+        f"model folder {str(folder)!r} has no safetensors or PyTorch weights; save the model with save_pretrained()."
+    )
 
 
 def load(spec: str = DEFAULT_MODEL, *, device: str = "cpu", trust_remote_code: bool = False):

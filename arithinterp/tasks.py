@@ -49,7 +49,7 @@ GREATER_THAN_NOUNS = (
     "war", "siege", "dynasty", "reign", "expedition", "occupation", "pilgrimage", "campaign", "journey",
     "voyage", "famine", "drought", "strike", "crusade", "rebellion", "truce", "alliance", "embargo",
 )  # fmt: skip
-TASKS = ("add", "sub", "mul", "div", "greater-than")
+TASKS = ("add", "sub", "mul", "div", "greater-than", "mul4")  # mul4: 4x4 multiplication, arithinterp.mul4
 
 Style = Literal["digits", "equation", "statement", "question"]
 Counterfactual = Literal["operand", "null-operator", "random", "same-result"]
@@ -182,6 +182,10 @@ def make_dataset(tokenizer, config: TaskConfig | None = None, **overrides: Any) 
         )
     if config.task == "greater-than":
         return _make_greater_than(tokenizer, config)
+    if config.task == "mul4":  # 4x4 multiplication in the format of the icot/sft/aux-mul4 models
+        from arithinterp.mul4 import mul4_dataset
+
+        return mul4_dataset(tokenizer, config)
     return _make_arithmetic(tokenizer, config, style)
 
 

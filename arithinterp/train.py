@@ -43,7 +43,7 @@ class TrainConfig:
     n_head: int = 4
     d_model: int = 128
     d_mlp: int = 512
-    steps: int = 6000
+    steps: int = 4000
     batch_size: int = 128
     lr: float = 1e-3
     warmup: int = 200  # linear warm-up steps, then cosine decay to lr / 10
@@ -137,7 +137,95 @@ def addition_exact_match(model, cfg: TrainConfig) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Letter reversal, the non-arithmetic task of `tiny-mixed` ("<bos>abc>cba<eos>")
+
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+REVERSAL_LENGTHS = (3, 8)  # inclusive range of string lengths: long enough to need attention to positions
+
+
+def reversal_words(n: int, g: torch.Generator, lengths: tuple[int, int] = REVERSAL_LENGTHS) -> list[str]:
+    """`n` random lowercase strings with lengths drawn uniformly from `lengths` (inclusive)."""
+    lo, hi = lengths
+    sizes = torch.randint(lo, hi + 1, (n,), generator=g).tolist()
+    letters = torch.randint(0, len(LETTERS), (n, hi), generator=g).tolist()
+    return ["".join(LETTERS[i] for i in row[:k]) for row, k in zip(letters, sizes)]
+
+
+def encode_reversal(words: list[str]) -> tuple[Int[Tensor, "batch seq"], torch.BoolTensor]:
+    """Tokens of "<bos>word>drow<eos>", right-padded, and the loss mask (reversed word and <eos>).
+
+    Padding repeats <eos>: under causal attention nothing before it sees the padding, the loss ignores it, and
+    transformers does not warn about a missing attention mask (it does when it sees <pad> in the input).
+    """
+    s = _stoi()
+    width = 2 * max(len(w) for w in words) + 3
+    seq = torch.full((len(words), width), s["<eos>"])
+    mask = torch.zeros((len(words), width), dtype=torch.bool)
+    for i, w in enumerate(words):
+        ids = [s["<bos>"]] + [s[c] for c in w] + [s[">"]] + [s[c] for c in reversed(w)] + [s["<eos>"]]
+        seq[i, : len(ids)] = torch.tensor(ids)
+        mask[i, len(w) + 2 : len(ids)] = True
+    return seq, mask
+
+
+def reversal_held_out(cfg: TrainConfig) -> list[str]:
+    """The held-out strings of the reversal task (never trained on)."""
+    return reversal_words(cfg.n_test, torch.Generator().manual_seed(20_000 + cfg.seed))
+
+
+@torch.no_grad()
+def reversal_exact_match(model, words: list[str], batch_size: int = 500) -> float:
+    """Fraction of `words` whose reversal the model writes exactly (greedy, grouped by length)."""
+    s = _stoi()
+    by_len: dict[int, list[str]] = {}
+    for w in words:
+        by_len.setdefault(len(w), []).append(w)
+    correct = 0
+    for n, group in by_len.items():
+        prompts = torch.tensor([[s["<bos>"]] + [s[c] for c in w] + [s[">"]] for w in group])
+        target = torch.tensor([[s[c] for c in reversed(w)] for w in group])
+        pred = greedy_answers(model, prompts, n, batch_size=batch_size)
+        correct += int((pred == target).all(1).sum())
+    return correct / len(words)
+
+
+def _pad_cat(parts: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    width = max(seq.shape[1] for seq, _ in parts)
+    seqs = [F.pad(seq, (0, width - seq.shape[1]), value=_stoi()["<eos>"]) for seq, _ in parts]  # see encode_reversal
+    masks = [F.pad(mask, (0, width - mask.shape[1]), value=False) for _, mask in parts]
+    return torch.cat(seqs), torch.cat(masks)
+
+
+def mixed_batches(cfg: TrainConfig) -> Callable[[torch.Generator], tuple[Tensor, Tensor]]:
+    """Batches of half addition, half letter reversal (right-padded); held-out problems of both never drawn."""
+    from dataclasses import replace
+
+    n_add = cfg.batch_size // 2
+    add_sample = addition_batches(replace(cfg, batch_size=n_add))
+    banned = set(reversal_held_out(cfg))
+
+    def sample(g: torch.Generator) -> tuple[Tensor, Tensor]:
+        words = [w for w in reversal_words(2 * (cfg.batch_size - n_add), g) if w not in banned]
+        return _pad_cat([add_sample(g), encode_reversal(words[: cfg.batch_size - n_add])])
+
+    return sample
+
+
+def mixed_exact_match(model, cfg: TrainConfig) -> dict[str, float]:
+    """Addition exact match and digit accuracy, and letter-reversal exact match, on held-out problems."""
+    reversal = reversal_exact_match(model, reversal_held_out(cfg))
+    return addition_exact_match(model, cfg) | {"reversal_exact_match": reversal}
+
+
+# ---------------------------------------------------------------------------------------------------------
 # The generic loop
+
+
+#: TrainConfig of the multiplication models (kept equal to arithinterp.mul4.TRAIN_DEFAULTS; a test checks it).
+_MUL4_DEFAULTS = {
+    "digits": 4, "n_layer": 2, "n_head": 4, "d_model": 128, "d_mlp": 512, "batch_size": 64, "lr": 1e-3,
+    "warmup": 100, "weight_decay": 0.01, "eval_every": 500, "checkpoint_every": 200, "steps": 20_000,
+}  # fmt: skip
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -147,6 +235,7 @@ class TrainTask:
     n_positions: int
     description: str
     defaults: dict = field(default_factory=dict)  # TrainConfig fields that differ from its defaults
+    loop: Callable[..., dict] | None = None  # a task-specific training loop (stages, extra losses); None: `train`
 
 
 TRAIN_TASKS: dict[str, TrainTask] = {
@@ -156,7 +245,34 @@ TRAIN_TASKS: dict[str, TrainTask] = {
         n_positions=64,
         description="3-digit addition, digit-level, sum written least significant digit first",
     ),
+    "mixed": TrainTask(
+        sampler=mixed_batches,
+        evaluate=mixed_exact_match,
+        n_positions=64,
+        description="3-digit addition plus reversing lowercase strings of 3-8 letters (abc>cba), digit-level",
+        defaults={"steps": 6000},
+    ),
 }
+
+
+def _mul4(name: str) -> Callable:
+    """A function of `arithinterp.mul4`, imported when called (that module builds on this one)."""
+
+    def call(*args, **kwargs):
+        from arithinterp import mul4
+
+        return getattr(mul4, name)(*args, **kwargs)
+
+    return call
+
+
+for _name, _text in (("mul4-icot", "implicit chain of thought by stepwise internalization"),
+                     ("mul4-sft", "no chain of thought"), ("mul4-aux", "no chain of thought + running-sum loss")):
+    TRAIN_TASKS[_name] = TrainTask(
+        sampler=_mul4("final_stage_batches"), evaluate=_mul4("final_stage_eval"), n_positions=72,
+        description=f"4x4-digit multiplication, least significant digit first, {_text} (arithinterp.mul4)",
+        defaults=dict(_MUL4_DEFAULTS), loop=_mul4("train_mul4"),
+    )  # fmt: skip
 
 
 def default_config(task: str) -> TrainConfig:
@@ -205,6 +321,20 @@ def train(cfg: TrainConfig, out: str | Path, *, overwrite: bool = False, progres
     `max_steps_this_run` stops after that many steps with the checkpoint saved (for runs that span sessions).
     """
     out = Path(out)
+    # One thread: the same seed then gives bit-identical weights on any machine, and a training run is not
+    # slowed to a crawl by thread oversubscription when other work shares the cores.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _train(cfg, out, overwrite=overwrite, progress=progress, max_steps_this_run=max_steps_this_run)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(cfg: TrainConfig, out: Path, *, overwrite: bool, progress: bool, max_steps_this_run: int | None) -> dict:
+    if TRAIN_TASKS[cfg.task].loop is not None:  # a task with its own loop (arithinterp.mul4)
+        return TRAIN_TASKS[cfg.task].loop(cfg, out, overwrite=overwrite, progress=progress,
+                                          max_steps_this_run=max_steps_this_run)  # fmt: skip
     ckpt_path = out / "checkpoint" / "checkpoint.pt"
     settings_path = out / "checkpoint" / "settings.json"
     resuming = ckpt_path.is_file()

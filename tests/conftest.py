@@ -32,8 +32,10 @@ def build_random_gpt2(folder: Path, tokenizer, *, n_layer=3, n_head=4, d_model=6
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    cfg = GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=d_model, vocab_size=vocab_size or len(tokenizer),
-                     n_positions=64, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+    cfg = GPT2Config(
+        n_layer=n_layer, n_head=n_head, n_embd=d_model, vocab_size=vocab_size or len(tokenizer), n_positions=64,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
     model = GPT2LMHeadModel(cfg).eval()
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)

@@ -1,0 +1,69 @@
+"""The CLI in-process: `arithinterp patch` end to end, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from arithinterp.cli import main
+
+
+def _patch(model_dir, out, *extra):
+    return main(["patch", "--model", str(model_dir), "--n", "12", "--out", str(out), *extra])
+
+
+def test_patch_writes_contract(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _patch(tiny_model_dir, out) == 0
+    printed = capsys.readouterr().out
+    assert "rank" in printed and "wrote" in printed
+    rec = json.loads((out / "patch.json").read_text())
+    for key in ("model", "task", "method", "metric", "n", "seed", "baseline", "components", "examples", "version"):
+        assert key in rec
+    assert rec["task"] == "add" and rec["method"] == "activation" and rec["metric"] == "logit_diff"
+    scores = [abs(c["score"]) for c in rec["components"]]
+    assert scores == sorted(scores, reverse=True)
+    assert len(rec["components"]) == 3 * 4 + 3  # every head and MLP of the 3x4 fixture
+    assert rec["n"] == len(rec["examples"]) == 12
+    assert set(rec["examples"][0]) == {"clean", "corrupted", "answer", "counterfactual_answer"}
+    page = (out / "patch.html").read_text()
+    assert "plotly" in page.lower() and "MLP" in page
+
+
+def test_patch_on_gpt2_tokenizer_folder(gpt2_tiny_dir, tmp_path):
+    out = tmp_path / "g"
+    assert _patch(gpt2_tiny_dir, out) == 0
+    rec = json.loads((out / "patch.json").read_text())
+    assert rec["style"] == "equation"
+    assert rec["examples"][0]["clean"].endswith("=") and rec["examples"][0]["answer"].startswith(" ")
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["patch", "--model", "./no/such/folder"], "does not exist"),
+        (["patch", "--task", "pow"], "Invalid value for '--task'"),
+        (["patch", "--n", "0"], "empty dataset"),
+    ],
+)
+def test_errors_are_one_line(args, match, capsys, tmp_path):
+    assert main([*args, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("arithinterp: error:") and match in err and "\n" not in err
+
+
+def test_existing_output_is_not_overwritten(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "keep"
+    out.mkdir()
+    (out / "mine.txt").write_text("precious")
+    assert _patch(tiny_model_dir, out) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (out / "mine.txt").read_text() == "precious" and not (out / "patch.json").exists()
+    assert _patch(tiny_model_dir, out, "--overwrite") == 0
+    assert (out / "mine.txt").read_text() == "precious" and (out / "patch.json").exists()
+
+
+def test_models_command(capsys):
+    assert main(["models"]) == 0
+    assert capsys.readouterr().out.strip()

@@ -1,0 +1,50 @@
+"""Training: a resumed run ends bit-identical to an uninterrupted one; settings are checked."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from arithinterp import ArithInterpError
+from arithinterp.train import TrainConfig, encode_addition, train
+
+SMALL = dict(n_layer=1, n_head=2, d_model=32, d_mlp=64, steps=12, batch_size=16, n_test=20, eval_every=6,
+             checkpoint_every=4, warmup=2)  # fmt: skip
+
+
+def test_encoding_worked_on_paper():
+    seq, first = encode_addition(torch.tensor([123]), torch.tensor([459]), 3)
+    from arithinterp.tokenizer import build_char_tokenizer
+
+    assert build_char_tokenizer().decode(seq[0].tolist()) == "<bos>123+459=2850<eos>"
+    assert first == 9  # index of the first answer token
+
+
+def test_resume_is_bit_identical(tmp_path):
+    cfg = TrainConfig(**SMALL)
+    full = train(cfg, tmp_path / "full", progress=False)
+    part = train(cfg, tmp_path / "resumed", progress=False, max_steps_this_run=5)
+    assert part == {"finished": False, "step": 5}
+    assert (tmp_path / "resumed" / "checkpoint" / "checkpoint.pt").is_file()
+    done = train(cfg, tmp_path / "resumed", progress=False)
+    a = load_file(tmp_path / "full" / "model.safetensors")
+    b = load_file(tmp_path / "resumed" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert full["held_out"] == done["held_out"]
+    assert not (tmp_path / "resumed" / "checkpoint").exists()
+    last = json.loads((tmp_path / "full" / "training_log.jsonl").read_text().splitlines()[-1])
+    assert last["step"] == 12 and "exact_match" in last and "loss" in last
+
+
+def test_refuses_mismatched_resume_and_nonempty_out(tmp_path):
+    cfg = TrainConfig(**SMALL)
+    train(cfg, tmp_path / "r", progress=False, max_steps_this_run=2)
+    with pytest.raises(ArithInterpError, match="other settings"):
+        train(TrainConfig(**{**SMALL, "lr": 5e-4}), tmp_path / "r", progress=False)
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "a.txt").write_text("keep")
+    with pytest.raises(ArithInterpError, match="not empty"):
+        train(cfg, tmp_path / "x", progress=False)
