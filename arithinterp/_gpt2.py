@@ -229,8 +229,9 @@ def run_with_cache(w: GPT2Weights, tokens: Int[Tensor, "batch pos"]) -> Cache:
         c.resid_mid.append(x)
         post, mlp_out = mlp(w, layer, x)
         x = x + mlp_out
-        for name, value in (("q", q), ("k", k), ("v", v), ("pattern", pattern), ("z", z),
-                            ("attn_out", attn_out), ("mlp_post", post), ("mlp_out", mlp_out), ("resid_post", x)):  # fmt: skip
+        kept = {"q": q, "k": k, "v": v, "pattern": pattern, "z": z, "attn_out": attn_out, "mlp_post": post,
+                "mlp_out": mlp_out, "resid_post": x}  # fmt: skip
+        for name, value in kept.items():
             getattr(c, name).append(value)
     c.final = x
     return c
@@ -250,32 +251,94 @@ def run_suffix(
     resid: Float[Tensor, "patch batch suffix d_model"],
     *,
     stage: str = "pre",
+    final_only: bool = False,
 ) -> Float[Tensor, "patch batch suffix d_model"]:
     """Continue a run from layer `start_layer` for positions `start_pos..` only.
 
     `resid` is the (patched) residual of the suffix positions at `stage` of `start_layer`: "pre" (before the
     block), "mid" (after attention, before the MLP) or "post" (after the block). Keys and values of positions
     before `start_pos` are read from `cache` (they are unchanged by any patch at `start_pos` or later).
-    Returns the final residual (before `ln_f`) of the suffix positions.
+    Returns the final residual (before `ln_f`) of the suffix positions; with `final_only` the last block
+    computes only the final position (its query, attention output and MLP), so the suffix axis has length 1
+    whenever a block runs (read the result with `[..., -1, :]` either way).
     """
-    layer, x = start_layer, resid
+    first, x = start_layer, resid
     if stage == "mid":
-        x = x + mlp(w, layer, x)[1]
-        layer += 1
+        if final_only and first == w.n_layers - 1:
+            x = x[..., -1:, :]
+        x = x + mlp(w, first, x)[1]
+        first += 1
     elif stage == "post":
-        layer += 1
-    for layer in range(layer, w.n_layers):
-        x = block_suffix(w, cache, layer, start_pos, x)
+        first += 1
+    for layer in range(first, w.n_layers):
+        x = block_suffix(w, cache, layer, start_pos, x, final_only=final_only and layer == w.n_layers - 1)
     return x
 
 
-def block_suffix(w: GPT2Weights, cache: Cache, layer: int, start_pos: int, x: Tensor) -> Tensor:
-    """One block for suffix positions `start_pos..` given the residual there; earlier K/V from `cache`."""
+def block_suffix(
+    w: GPT2Weights, cache: Cache, layer: int, start_pos: int, x: Tensor, *, final_only: bool = False
+) -> Tensor:
+    """One block for suffix positions `start_pos..` given the residual there; earlier K/V from `cache`.
+
+    With `final_only` only the last position's query, attention output and MLP are computed (the keys and
+    values of every suffix position still are) and the result has one position.
+    """
     q, k, v = qkv(w, layer, x)  # (patch, batch, suffix, head, d_head)
     if start_pos > 0:
         shape = (*x.shape[:-2], start_pos, *k.shape[-2:])
         k = torch.cat([cache.k[layer][:, :start_pos].expand(shape), k], dim=-3)
         v = torch.cat([cache.v[layer][:, :start_pos].expand(shape), v], dim=-3)
-    z, _ = _attention(w, layer, q, k, v, start_pos)
+    offset = start_pos
+    if final_only:
+        offset = start_pos + x.shape[-2] - 1
+        q, x = q[..., -1:, :, :], x[..., -1:, :]
+    z, _ = _attention(w, layer, q, k, v, offset)
     x = x + z_to_out(w, layer, z)
     return x + mlp(w, layer, x)[1]
+
+
+def attention(
+    w: GPT2Weights,
+    layer: int,
+    q: Float[Tensor, "... q_pos head d_head"],
+    k: Float[Tensor, "... k_pos head d_head"],
+    v: Float[Tensor, "... k_pos head d_head"],
+    q_offset: int = 0,
+) -> tuple[Float[Tensor, "... q_pos head d_head"], Float[Tensor, "... head q_pos k_pos"]]:
+    """Causal attention of queries at positions `q_offset..` over keys at `0..`; returns (z, pattern)."""
+    return _attention(w, layer, q, k, v, q_offset)
+
+
+def head_qkv(
+    w: GPT2Weights, layer: int, which: str, head: int, x: Float[Tensor, "... pos d_model"]
+) -> Float[Tensor, "... pos d_head"]:
+    """One head's query, key or value (`which` = "q", "k", "v") computed from its own residual input `x`."""
+    h = layer_norm(x, w.ln1_w[layer], w.ln1_b[layer], w.eps)
+    W, b = {"q": (w.W_Q, w.b_Q), "k": (w.W_K, w.b_K), "v": (w.W_V, w.b_V)}[which]
+    return h @ W[layer, head] + b[layer, head]
+
+
+def block_edges(
+    w: GPT2Weights,
+    layer: int,
+    x: Float[Tensor, "... pos d_model"],
+    *,
+    head_in: dict[tuple[str, int], Tensor] | None = None,
+    mlp_in: Tensor | None = None,
+) -> Float[Tensor, "... pos d_model"]:
+    """One block over all positions where chosen inputs see an extra additive term (path patching).
+
+    `head_in[(which, head)]` (`[..., pos, d_model]`) is added to the residual that head `head` reads for its
+    query, key or value only (its layer norm is recomputed on the sum); `mlp_in` is added to the MLP's input
+    only. Every other reader sees the unmodified residual, so the extra term travels along exactly those edges.
+    Returns the residual after the block.
+    """
+    q, k, v = qkv(w, layer, x)  # (..., pos, head, d_head)
+    if head_in:
+        q, k, v = q.clone(), k.clone(), v.clone()
+        parts = {"q": q, "k": k, "v": v}
+        for (which, head), delta in head_in.items():
+            parts[which][..., head, :] = head_qkv(w, layer, which, head, x + delta)
+    z, _ = _attention(w, layer, q, k, v, 0)
+    mid = x + z_to_out(w, layer, z)
+    return mid + mlp(w, layer, mid if mlp_in is None else mid + mlp_in)[1]

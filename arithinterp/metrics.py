@@ -48,7 +48,8 @@ def make_metric(name: str, dataset: Dataset, clean_logits: Tensor | None = None)
         if not dataset.has_counterfactual_answer:
             raise ArithInterpError(
                 f"metric logit_diff needs a counterfactual answer, which counterfactual "
-                f"{dataset.config.counterfactual!r} does not have; use --metric answer_logit or --counterfactual operand."
+                f"{dataset.config.counterfactual!r} does not have; use --metric answer_logit or "
+                "--counterfactual operand."
             )
         cols, inv = torch.unique(torch.cat([dataset.answer_ids, dataset.counterfactual_ids]), return_inverse=True)
         a, c = inv[: len(dataset)], inv[len(dataset) :]
@@ -113,3 +114,28 @@ def bootstrap_ci(
     q = torch.tensor([(1 - level) / 2, 1 - (1 - level) / 2], dtype=s.dtype)
     lo, hi = torch.quantile(s, q, dim=-1)
     return lo, hi
+
+
+def _ranks(x: Tensor) -> Tensor:
+    """Ranks 0..n-1 with ties given their average rank."""
+    x = x.double()
+    order = x.argsort()
+    ranks = torch.empty_like(x)
+    ranks[order] = torch.arange(len(x), dtype=x.dtype)
+    for v in x.unique():  # average the ranks of tied values
+        tied = x == v
+        if tied.sum() > 1:
+            ranks[tied] = ranks[tied].mean()
+    return ranks
+
+
+def spearman(a: Float[Tensor, " n"], b: Float[Tensor, " n"]) -> float:
+    """Spearman's rank correlation of two score vectors (average ranks for ties; NaN if either is constant)."""
+    if a.shape != b.shape or a.ndim != 1 or len(a) < 2:
+        raise ArithInterpError(
+            f"spearman needs two 1-d tensors of one length >= 2, got {tuple(a.shape)} and {tuple(b.shape)}."
+        )
+    ra, rb = _ranks(a), _ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denom = (ra.norm() * rb.norm()).item()
+    return float("nan") if denom == 0 else float((ra * rb).sum() / denom)

@@ -98,9 +98,7 @@ def load(spec: str = DEFAULT_MODEL, *, device: str = "cpu", trust_remote_code: b
     from transformer_lens.model_bridge import TransformerBridge
 
     try:
-        bridge = TransformerBridge.boot_transformers(
-            location, device=device, trust_remote_code=trust_remote_code
-        )
+        bridge = TransformerBridge.boot_transformers(location, device=device, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as exc:
         if kind == "hub":
             raise ArithInterpError(

@@ -196,11 +196,14 @@ def _pad_cat(parts: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
     return torch.cat(seqs), torch.cat(masks)
 
 
+MIXED_ADD_FRACTION = 0.5  # addition leaves its loss plateau after ~1,500 steps at this mix (seed 0)
+
+
 def mixed_batches(cfg: TrainConfig) -> Callable[[torch.Generator], tuple[Tensor, Tensor]]:
-    """Batches of half addition, half letter reversal (right-padded); held-out problems of both never drawn."""
+    """Batches of addition and letter reversal (right-padded); held-out problems of both never drawn."""
     from dataclasses import replace
 
-    n_add = cfg.batch_size // 2
+    n_add = round(cfg.batch_size * MIXED_ADD_FRACTION)
     add_sample = addition_batches(replace(cfg, batch_size=n_add))
     banned = set(reversal_held_out(cfg))
 
@@ -250,7 +253,7 @@ TRAIN_TASKS: dict[str, TrainTask] = {
         evaluate=mixed_exact_match,
         n_positions=64,
         description="3-digit addition plus reversing lowercase strings of 3-8 letters (abc>cba), digit-level",
-        defaults={"steps": 6000},
+        defaults={"steps": 3000},  # ~10 minutes on 2 uncontended CPU cores
     ),
 }
 
@@ -266,8 +269,11 @@ def _mul4(name: str) -> Callable:
     return call
 
 
-for _name, _text in (("mul4-icot", "implicit chain of thought by stepwise internalization"),
-                     ("mul4-sft", "no chain of thought"), ("mul4-aux", "no chain of thought + running-sum loss")):
+for _name, _text in (
+    ("mul4-icot", "implicit chain of thought by stepwise internalization"),
+    ("mul4-sft", "no chain of thought"),
+    ("mul4-aux", "no chain of thought + running-sum loss"),
+):
     TRAIN_TASKS[_name] = TrainTask(
         sampler=_mul4("final_stage_batches"), evaluate=_mul4("final_stage_eval"), n_positions=72,
         description=f"4x4-digit multiplication, least significant digit first, {_text} (arithinterp.mul4)",

@@ -1,0 +1,577 @@
+"""4×4-digit multiplication with and without chain of thought, and the three built-in models trained on it.
+
+After Bai et al. 2025 ("Why can't transformers learn multiplication?") and Deng et al. 2024 (stepwise
+internalization, "implicit chain of thought"). Every number is written least significant digit first, so that the
+k-th output digit c_k is emitted after the digits it depends on. A problem a × b with digits a_i, b_j (index i =
+the 10**i place) has
+
+* partial products a_i·b_j,
+* column sums s_k = Σ_{i+j=k} a_i·b_j (k = 0..7; s_7 = 0),
+* running sums ĉ_k = s_k + r_{k-1}, where r_k = ĉ_k // 10 is the carry out of place k (r_{-1} = 0),
+* output digits c_k = ĉ_k mod 10.
+
+Token formats (one token per character, `arithinterp.tokenizer`)::
+
+    no-cot   <bos> a0a1a2a3 * b0b1b2b3 $ = c0..c7 <eos>
+    cot      <bos> a0a1a2a3 * b0b1b2b3 $ COT = c0..c7 <eos>
+    COT  =   P0 + P1 : S1 + P2 : S2 + P3          (44 tokens)
+
+where P_j = a·b_j·10**j (5 + j digits, LSB first, so it starts with j zeros) and S_j = Σ_{j'<=j} P_j' are the
+running partial sums, as in Deng et al. (who write "(S_j)" where we write ": S_j"; the vocabulary has no
+brackets). Stage t of stepwise internalization removes the first `t · remove_per_stage` tokens of COT; the last
+stage is the no-cot format, which all three models are evaluated and analysed in.
+
+Training (`train_mul4`, dispatched by `arithinterp train --task mul4-*`):
+
+* `mul4-icot`: stepwise internalization, the optimiser reset at the start of every stage;
+* `mul4-sft`: the no-cot format from the start;
+* `mul4-aux`: no-cot plus an auxiliary loss: a linear head per output digit reads the last layer's attention
+  output at the position that predicts c_k and regresses ĉ_k (mean squared error on ĉ_k / 10).
+
+Runs are resumable from an atomic checkpoint, like `arithinterp.train.train`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from arithinterp._errors import ArithInterpError
+from arithinterp._io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from arithinterp.tokenizer import VOCAB
+from arithinterp.train import _MUL4_DEFAULTS
+
+DIGITS = 4  # operand length
+N_OUT = 2 * DIGITS  # output digits c_0..c_7
+PREFIX = 1 + DIGITS + 1 + DIGITS + 1  # <bos> a * b $  (the "=" follows at this index in the no-cot format)
+EQ_POS = PREFIX  # position of "=" in the no-cot format; c_k is predicted at EQ_POS + k
+COT_PARTS = (("P", 0, 5), ("+",), ("P", 1, 6), (":",), ("S", 1, 6), ("+",), ("P", 2, 7), (":",), ("S", 2, 7),
+             ("+",), ("P", 3, 8))  # fmt: skip
+COT_LEN = sum(p[2] if len(p) == 3 else 1 for p in COT_PARTS)  # 44
+NO_COT_LEN = PREFIX + 1 + N_OUT + 1  # 21 tokens including <bos> and <eos>
+TASKS = ("mul4-icot", "mul4-sft", "mul4-aux")
+
+_STOI = {t: i for i, t in enumerate(VOCAB)}
+_D0 = _STOI["0"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Metadata, worked out in plain Python (the tests check it against values computed on paper)
+
+
+def digits_lsb(x: int, width: int) -> list[int]:
+    """Digits of `x`, least significant first, zero-padded to `width`."""
+    return [(x // 10**i) % 10 for i in range(width)]
+
+
+def mul4_meta(a: int, b: int) -> dict[str, Any]:
+    """Everything a probe may ask about a × b, as plain JSON-able lists (index i = the 10**i place).
+
+    `partial_products[i][j]` = a_i·b_j; `column_sums[k]` = s_k; `carries[k]` = r_{k-1}, the carry *into* place k;
+    `running_sums[k]` = ĉ_k = s_k + carries[k]; `result_digits[k]` = c_k = ĉ_k mod 10.
+    """
+    if not (0 <= a < 10**DIGITS and 0 <= b < 10**DIGITS):
+        raise ArithInterpError(f"operands {a} and {b} must lie in 0..{10**DIGITS - 1} for 4x4 multiplication.")
+    ad, bd = digits_lsb(a, DIGITS), digits_lsb(b, DIGITS)
+    pp = [[ad[i] * bd[j] for j in range(DIGITS)] for i in range(DIGITS)]
+    s = [sum(pp[i][k - i] for i in range(DIGITS) if 0 <= k - i < DIGITS) for k in range(N_OUT)]
+    carries, running, out, carry = [], [], [], 0
+    for k in range(N_OUT):
+        carries.append(carry)
+        running.append(s[k] + carry)
+        out.append(running[-1] % 10)
+        carry = running[-1] // 10
+    assert carry == 0 and sum(d * 10**k for k, d in enumerate(out)) == a * b
+    return {
+        "op": "mul", "a": a, "b": b, "result": a * b, "a_digits": ad, "b_digits": bd, "result_digits": out,
+        "partial_products": pp, "column_sums": s, "carries": carries, "running_sums": running,
+        "row_products": [a * bd[j] for j in range(DIGITS)],  # a·b_j, the P_j of the chain of thought / 10**j
+    }  # fmt: skip
+
+
+def cot_text(a: int, b: int) -> str:
+    """The explicit chain of thought for a × b (COT_LEN characters): "P0+P1:S1+P2:S2+P3", all LSB first."""
+    bd = digits_lsb(b, DIGITS)
+    rows = [a * bd[j] * 10**j for j in range(DIGITS)]
+    parts = []
+    for part in COT_PARTS:
+        if len(part) == 1:
+            parts.append(part[0])
+            continue
+        kind, j, width = part
+        value = rows[j] if kind == "P" else sum(rows[: j + 1])
+        parts.append("".join(map(str, digits_lsb(value, width))))
+    return "".join(parts)
+
+
+def problem_text(a: int, b: int, *, removed: int = COT_LEN) -> tuple[str, str]:
+    """(prompt, target) texts: prompt "a*b$" (LSB first), target = COT minus its first `removed` tokens, then
+    "=" and the 8 output digits. `removed=0` is the explicit chain of thought, `COT_LEN` (default) none."""
+    if not 0 <= removed <= COT_LEN:
+        raise ArithInterpError(f"removed={removed} must lie in 0..{COT_LEN} (chain-of-thought tokens removed).")
+    prompt = "".join(map(str, digits_lsb(a, DIGITS))) + "*" + "".join(map(str, digits_lsb(b, DIGITS))) + "$"
+    return prompt, cot_text(a, b)[removed:] + "=" + "".join(map(str, digits_lsb(a * b, N_OUT)))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Vectorised encoding for training
+
+
+def _digit_tokens(x: Int[Tensor, " batch"], width: int) -> Int[Tensor, "batch width"]:
+    return (x[:, None] // 10 ** torch.arange(width)) % 10 + _D0
+
+
+def cot_tokens(a: Int[Tensor, " batch"], b: Int[Tensor, " batch"]) -> Int[Tensor, "batch cot"]:
+    """Token ids of `cot_text` for a batch (same text, computed on tensors)."""
+    n = a.shape[0]
+    bd = (b[:, None] // 10 ** torch.arange(DIGITS)) % 10  # (batch, digit)
+    rows = a[:, None] * bd * 10 ** torch.arange(DIGITS)  # (batch, j): P_j
+    cols = []
+    for part in COT_PARTS:
+        if len(part) == 1:
+            cols.append(torch.full((n, 1), _STOI[part[0]]))
+        else:
+            kind, j, width = part
+            value = rows[:, j] if kind == "P" else rows[:, : j + 1].sum(1)
+            cols.append(_digit_tokens(value, width))
+    return torch.cat(cols, 1)
+
+
+def encode(a: Int[Tensor, " batch"], b: Int[Tensor, " batch"], removed: int = COT_LEN) -> Int[Tensor, "batch seq"]:
+    """Token ids of "<bos>" + prompt + target + "<eos>" (see `problem_text`) for a batch."""
+    n = a.shape[0]
+    col = lambda tok: torch.full((n, 1), _STOI[tok])  # noqa: E731
+    parts = [col("<bos>"), _digit_tokens(a, DIGITS), col("*"), _digit_tokens(b, DIGITS), col("$")]
+    parts += [cot_tokens(a, b)[:, removed:], col("="), _digit_tokens(a * b, N_OUT), col("<eos>")]
+    return torch.cat(parts, 1)
+
+
+def held_out(seed: int, n: int) -> tuple[Int[Tensor, " n"], Int[Tensor, " n"]]:
+    """The held-out test problems (drawn with seed 10_000 + seed; never in a training batch)."""
+    g = torch.Generator().manual_seed(10_000 + seed)
+    hi = 10**DIGITS
+    return torch.randint(0, hi, (n,), generator=g), torch.randint(0, hi, (n,), generator=g)
+
+
+class ProblemSampler:
+    """Uniform random 4-digit operand pairs (0..9999, zero-padded), never a held-out pair."""
+
+    def __init__(self, seed: int, n_test: int):
+        ta, tb = held_out(seed, n_test)
+        self.banned = torch.sort(ta * 10**DIGITS + tb).values
+
+    def __call__(self, n: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
+        hi = 10**DIGITS
+        a = torch.randint(0, hi, (2 * n,), generator=g)
+        b = torch.randint(0, hi, (2 * n,), generator=g)
+        key = a * hi + b
+        idx = torch.searchsorted(self.banned, key).clamp(max=len(self.banned) - 1)
+        keep = self.banned[idx] != key
+        return a[keep][:n], b[keep][:n]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training configuration
+
+
+@dataclass(frozen=True, kw_only=True)
+class Mul4Schedule:
+    """What differs between the three multiplication tasks (model size and optimiser live in TrainConfig)."""
+
+    remove_per_stage: int = 8  # chain-of-thought tokens removed per internalization stage (0: no-cot throughout)
+    steps_per_stage: int = 2000  # steps of every stage but the last (which gets the remaining steps)
+    smoothing: float = 4.0  # removal smoothing (Deng et al.): extra removed tokens o ~ exp(-smoothing·o); 0 = off
+    aux_weight: float = 0.0  # weight of the running-sum regression loss (mul4-aux)
+    aux_scale: float = 10.0  # the head regresses ĉ_k / aux_scale
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.remove_per_stage <= COT_LEN:
+            raise ArithInterpError(f"remove_per_stage={self.remove_per_stage} must lie in 0..{COT_LEN}.")
+        if self.steps_per_stage < 1:
+            raise ArithInterpError(f"steps_per_stage={self.steps_per_stage} must be >= 1.")
+        if self.smoothing < 0 or self.aux_weight < 0 or self.aux_scale <= 0:
+            raise ArithInterpError("smoothing and aux_weight must be >= 0 and aux_scale > 0.")
+
+    @property
+    def removals(self) -> list[int]:
+        """Chain-of-thought tokens removed in each stage: [0, 8, ..., 40, 44] for icot, [44] without CoT."""
+        if self.remove_per_stage == 0:
+            return [COT_LEN]
+        return list(range(0, COT_LEN, self.remove_per_stage)) + [COT_LEN]
+
+    def stage_at(self, step: int) -> int:
+        return min(step // self.steps_per_stage, len(self.removals) - 1)
+
+    def stage_start(self, stage: int) -> int:
+        return stage * self.steps_per_stage
+
+
+SCHEDULES: dict[str, Mul4Schedule] = {
+    "mul4-icot": Mul4Schedule(remove_per_stage=8),
+    "mul4-sft": Mul4Schedule(remove_per_stage=0, smoothing=0.0),
+    # weight 20 on (ĉ/10)² = 0.2 on the squared error of ĉ itself: an error of 1.5 in ĉ costs 0.45, comparable to
+    # the cross-entropy (a first run with weight 1 fitted ĉ only to ±1.5, too coarse to fix c_k = ĉ_k mod 10).
+    "mul4-aux": Mul4Schedule(remove_per_stage=0, smoothing=0.0, aux_weight=20.0),
+}
+
+#: TrainConfig fields of the three tasks: 2 layers and 4 heads as in Bai et al., width 128 instead of 768 so that
+#: training fits on two CPU cores. Defined in arithinterp.train (its registry needs them without importing this).
+TRAIN_DEFAULTS: dict[str, Any] = _MUL4_DEFAULTS
+N_POSITIONS = PREFIX + COT_LEN + 1 + N_OUT + 1  # the longest sequence (explicit CoT): 65 tokens
+N_POSITIONS_MODEL = 72  # the models' position table: N_POSITIONS rounded up
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+@torch.no_grad()
+def evaluate(model, seed: int, n: int, removed: int = COT_LEN, batch_size: int = 500) -> dict[str, float]:
+    """Held-out accuracy in the format with `removed` CoT tokens removed.
+
+    `exact_match`: the whole target (remaining CoT, "=", the 8 digits) is the argmax at every position under
+    teacher forcing, which is exactly when greedy decoding writes it; `answer_exact_match` the same for the
+    8 output digits alone (equal to greedy exact match in the no-cot format); `digit_accuracy` the share of
+    output digits that are the argmax given the correct earlier tokens.
+    """
+    a, b = held_out(seed, n)
+    full = encode(a, b, removed)
+    first = PREFIX  # index of the first target token
+    hits = []
+    for i in range(0, n, batch_size):
+        seq = full[i : i + batch_size]
+        pred = model(seq[:, :-1]).logits.argmax(-1)
+        hits.append(pred[:, first - 1 :] == seq[:, first:])
+    hit = torch.cat(hits)  # (n, target + eos)
+    ans = hit[:, -(N_OUT + 1) : -1]  # the 8 output digits
+    return {"exact_match": hit[:, :-1].all(1).float().mean().item(),
+            "answer_exact_match": ans.all(1).float().mean().item(),
+            "digit_accuracy": ans.float().mean().item()}  # fmt: skip
+
+
+@torch.no_grad()
+def greedy_eval(model, seed: int, n: int, batch_size: int = 500) -> dict[str, float]:
+    """Greedy generation of the 8 output digits in the no-cot format: exact match and per-digit accuracy."""
+    from arithinterp.train import greedy_answers
+
+    a, b = held_out(seed, n)
+    seq = encode(a, b)
+    pred = greedy_answers(model, seq[:, : EQ_POS + 1], N_OUT, batch_size=batch_size)
+    target = seq[:, EQ_POS + 1 : EQ_POS + 1 + N_OUT]
+    per_digit = (pred == target).float().mean(0)
+    return {"exact_match": (pred == target).all(1).float().mean().item(),
+            "digit_accuracy": (pred == target).float().mean().item(),
+            "digit_accuracy_per_k": [round(x, 4) for x in per_digit.tolist()]}  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The auxiliary running-sum head
+
+
+class AuxHeads(torch.nn.Module):
+    """One linear head per output digit: ĉ_k / scale ≈ w_k · attn_out[EQ_POS + k] + b_k (last layer's attention)."""
+
+    def __init__(self, d_model: int):
+        super().__init__()
+        self.linear = torch.nn.Linear(d_model, N_OUT)
+
+    def forward(self, attn_out: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch digit"]:
+        x = attn_out[:, EQ_POS : EQ_POS + N_OUT]  # (batch, digit, d_model): the positions predicting c_k
+        return torch.einsum("bkd,kd->bk", x, self.linear.weight) + self.linear.bias
+
+
+def running_sums(a: Int[Tensor, " batch"], b: Int[Tensor, " batch"]) -> Float[Tensor, "batch digit"]:
+    """ĉ_k for a batch (tensor version of `mul4_meta(...)["running_sums"]`)."""
+    ad = (a[:, None] // 10 ** torch.arange(DIGITS)) % 10
+    bd = (b[:, None] // 10 ** torch.arange(DIGITS)) % 10
+    pp = ad[:, :, None] * bd[:, None, :]  # (batch, i, j)
+    s = torch.zeros(a.shape[0], N_OUT, dtype=torch.long)
+    for i in range(DIGITS):
+        s[:, i : i + DIGITS] += pp[:, i]
+    out, carry = [], torch.zeros_like(a)
+    for k in range(N_OUT):
+        out.append(s[:, k] + carry)
+        carry = out[-1] // 10
+    return torch.stack(out, 1).float()
+
+
+def _last_attn_capture(model) -> tuple[dict, Any]:
+    """Forward hook on the last block's attention: keeps its output (= transformer-lens hook_attn_out)."""
+    box: dict[str, Tensor] = {}
+
+    def hook(module, args, output):
+        box["attn_out"] = output[0] if isinstance(output, tuple) else output
+
+    return box, model.transformer.h[-1].attn.register_forward_hook(hook)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The training loop
+
+
+def _lr(cfg, sched: Mul4Schedule, step: int) -> float:
+    """Linear warm-up at the start of every stage (the optimiser is fresh), cosine decay in the last stage."""
+    stage = sched.stage_at(step)
+    start = sched.stage_start(stage)
+    if step - start < cfg.warmup:
+        return cfg.lr * (step - start + 1) / cfg.warmup
+    if stage < len(sched.removals) - 1:
+        return cfg.lr
+    frac = (step - start - cfg.warmup) / max(1, cfg.steps - start - cfg.warmup)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
+
+
+def _optimizer(cfg, params) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
+
+
+def _smoothed_removal(sched: Mul4Schedule, base: int, g: torch.Generator) -> int:
+    """`base` plus the removal-smoothing offset o with P(o) ∝ exp(-smoothing·o) (Deng et al. 2024)."""
+    if sched.smoothing == 0 or base >= COT_LEN:
+        return base
+    weights = torch.exp(-sched.smoothing * torch.arange(COT_LEN - base + 1, dtype=torch.float))
+    return base + int(torch.multinomial(weights, 1, generator=g))
+
+
+def train_mul4(cfg, out: str | Path, *, overwrite: bool = False, progress: bool = True,
+               max_steps_this_run: int | None = None, max_seconds: float | None = None) -> dict:  # fmt: skip
+    """Train (or resume) one of the multiplication models into `out` (see the module docstring).
+
+    `cfg` is an `arithinterp.train.TrainConfig` with `task` in TASKS. A checkpoint (model, optimiser, aux head,
+    step, random state, log) is written atomically every `cfg.checkpoint_every` steps into `<out>/checkpoint/`;
+    calling again with the same settings resumes. `max_steps_this_run` / `max_seconds` stop early with the
+    checkpoint saved. Finished: a Hugging Face folder, `training_log.jsonl`, `arithinterp.json` (held-out
+    exact match and digit accuracy on `cfg.n_test` problems, training time), and for mul4-aux `aux_heads.safetensors`.
+    """
+    from arithinterp.train import _write_model_folder, build_model
+
+    if cfg.task not in SCHEDULES:
+        raise ArithInterpError(f"task {cfg.task!r} is not a multiplication task; choose one of: {', '.join(TASKS)}.")
+    sched = SCHEDULES[cfg.task]
+    out = Path(out)
+    ckpt_path, settings_path = out / "checkpoint" / "checkpoint.pt", out / "checkpoint" / "settings.json"
+    settings = {"train_config": asdict(cfg), "schedule": asdict(sched)}
+    resuming = ckpt_path.is_file()
+    if resuming:
+        if json.loads(settings_path.read_text()) != settings:
+            raise ArithInterpError(f"{str(out)!r} holds a checkpoint of a run with other settings; pass the same "
+                                   "settings to resume, or another --out.")  # fmt: skip
+    elif out.exists() and any(out.iterdir()) and not overwrite:
+        raise ArithInterpError(f"output folder {str(out)!r} is not empty; pass another --out, or --overwrite.")
+    model = build_model(cfg, N_POSITIONS_MODEL)
+    aux = AuxHeads(cfg.d_model) if sched.aux_weight > 0 else None
+    params = list(model.parameters()) + (list(aux.parameters()) if aux is not None else [])
+    opt = _optimizer(cfg, params)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    step, log, elapsed = 0, [], 0.0
+    if resuming:
+        state = torch.load(ckpt_path, weights_only=True)
+        model.load_state_dict(state["model"])
+        if aux is not None:
+            aux.load_state_dict(state["aux"])
+        opt.load_state_dict(state["opt"])
+        gen.set_state(state["gen"])
+        torch.set_rng_state(state["torch_rng"])
+        step, log, elapsed = state["step"], state["log"], state["elapsed"]
+    else:
+        atomic_write_json(settings_path, settings)
+    sampler = ProblemSampler(cfg.seed, cfg.n_test)
+    box, handle = _last_attn_capture(model) if aux is not None else ({}, None)
+
+    def save() -> None:
+        buf = io.BytesIO()
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "gen": gen.get_state(),
+                    "torch_rng": torch.get_rng_state(), "py_rng": random.getstate(), "log": log,
+                    "elapsed": time.time() - t0, "aux": aux.state_dict() if aux is not None else {}}, buf)  # fmt: skip
+        atomic_write_bytes(ckpt_path, buf.getvalue())
+
+    model.train()
+    t0 = time.time() - elapsed
+    t_run = time.time()
+    stop = cfg.steps if max_steps_this_run is None else min(cfg.steps, step + max_steps_this_run)
+    bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.task}", disable=not progress)
+    while step < stop:
+        stage = sched.stage_at(step)
+        if stage > 0 and step == sched.stage_start(stage):
+            opt = _optimizer(cfg, params)  # a fresh optimiser for every stage (Deng et al.)
+        removed = _smoothed_removal(sched, sched.removals[stage], gen)
+        a, b = sampler(cfg.batch_size, gen)
+        seq = encode(a, b, removed)
+        for group in opt.param_groups:
+            group["lr"] = _lr(cfg, sched, step)
+        logits = model(seq[:, :-1]).logits
+        target = seq[:, PREFIX:]
+        ce = F.cross_entropy(logits[:, PREFIX - 1 :].reshape(-1, logits.shape[-1]), target.reshape(-1))
+        loss = ce
+        aux_loss = None
+        if aux is not None:
+            pred = aux(box["attn_out"])
+            aux_loss = F.mse_loss(pred, running_sums(a, b) / sched.aux_scale)
+            loss = ce + sched.aux_weight * aux_loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        bar.update(1)
+        if step % 50 == 0 or step == cfg.steps:
+            entry = {"step": step, "stage": stage, "removed": sched.removals[stage], "loss": round(ce.item(), 5),
+                     "lr": _lr(cfg, sched, step - 1), "time_s": round(time.time() - t0, 1)}  # fmt: skip
+            if aux_loss is not None:
+                entry["aux_mse"] = round(aux_loss.item() * sched.aux_scale**2, 3)  # in units of ĉ², not ĉ/scale
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                model.eval()
+                entry.update({f"eval_{k}": v for k, v in evaluate(model, cfg.seed, min(cfg.n_test, 500),
+                                                                  sched.removals[stage]).items()})  # fmt: skip
+                model.train()
+            log.append(entry)
+            shown = {k: v for k, v in entry.items() if k == "eval_exact_match"}
+            bar.set_postfix(loss=entry["loss"], stage=stage, **shown)
+        if step % cfg.checkpoint_every == 0 and step < cfg.steps:
+            save()
+        if max_seconds is not None and time.time() - t_run > max_seconds:
+            break
+    bar.close()
+    if handle is not None:
+        handle.remove()
+    if step < cfg.steps:
+        save()
+        return {"finished": False, "step": step, "stage": sched.stage_at(step)}
+    model.eval()
+    final = greedy_eval(model, cfg.seed, cfg.n_test)
+    wall = time.time() - t0
+    _write_model_folder(out, model)
+    if aux is not None:
+        from safetensors.torch import save_file
+
+        save_file(aux.state_dict(), str(out / "aux_heads.safetensors"))
+    atomic_write_text(out / "training_log.jsonl", "".join(json.dumps(e) + "\n" for e in log))
+    summary = {
+        "name": out.name, "description": TASK_DESCRIPTIONS[cfg.task], "task": cfg.task,
+        "train_config": asdict(cfg), "schedule": asdict(sched), "held_out": final, "n_test": cfg.n_test,
+        "train_time_s": round(wall, 1), "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "format": "<bos>a0a1a2a3*b0b1b2b3$=c0c1c2c3c4c5c6c7<eos> (all numbers least significant digit first)",
+    }  # fmt: skip
+    atomic_write_json(out / "arithinterp.json", summary)
+    for p in (ckpt_path, settings_path):
+        p.unlink(missing_ok=True)
+    if (out / "checkpoint").is_dir():
+        (out / "checkpoint").rmdir()
+    return summary
+
+
+TASK_DESCRIPTIONS = {
+    "mul4-icot": "4x4-digit multiplication (LSB first), implicit chain of thought by stepwise internalization",
+    "mul4-sft": "4x4-digit multiplication (LSB first), trained without chain of thought",
+    "mul4-aux": "4x4-digit multiplication (LSB first), no chain of thought + auxiliary running-sum loss",
+}
+
+
+def final_stage_batches(cfg):
+    """Sampler for `arithinterp.train.TrainTask`: no-cot batches (tokens, loss mask on the answer and <eos>)."""
+    sampler = ProblemSampler(cfg.seed, cfg.n_test)
+
+    def sample(g: torch.Generator) -> tuple[Tensor, Bool[Tensor, "batch seq"]]:
+        seq = encode(*sampler(cfg.batch_size, g))
+        mask = torch.zeros_like(seq, dtype=torch.bool)
+        mask[:, PREFIX:] = True
+        return seq, mask
+
+    return sample
+
+
+def final_stage_eval(model, cfg) -> dict[str, float]:
+    """Evaluator for `arithinterp.train.TrainTask`: greedy held-out accuracy in the no-cot format."""
+    return greedy_eval(model, cfg.seed, cfg.n_test)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Datasets for the analyses (the `arithinterp.tasks.Dataset` of task "mul4")
+
+
+def mul4_dataset(tokenizer, config):
+    """The no-cot format as an `arithinterp.tasks.Dataset` (`make_dataset(..., task="mul4")` lands here).
+
+    Clean prompt: "<bos>a*b$=" followed by the first `config.answer_token` output digits (teacher forcing); the
+    scored answer is c_k, k = `config.answer_token` (0..7). The counterfactual prompt is another random problem
+    (operands drawn independently) with its own first k digits. Operands are uniform in 0..9999 unless
+    `config.operand_range` says otherwise; `meta` holds everything of `mul4_meta`.
+    """
+    from arithinterp.tasks import Dataset, Example
+    from arithinterp.tokenizer import is_char_tokenizer
+
+    if not is_char_tokenizer(tokenizer):
+        raise ArithInterpError("task mul4 is written in the built-in character-level format; use a built-in model "
+                               "such as icot-mul4.")  # fmt: skip
+    k = config.answer_token
+    if not 0 <= k < N_OUT:
+        raise ArithInterpError(f"answer_token={k} must lie in 0..{N_OUT - 1} (the output digit c_k scored).")
+    lo, hi = config.operand_range or (0, 10**DIGITS - 1)
+    if hi >= 10**DIGITS:
+        raise ArithInterpError(f"operand_range {config.operand_range} exceeds 4 digits; use numbers up to 9999.")
+    rng = random.Random(config.seed)
+    draws = [(rng.randint(lo, hi), rng.randint(lo, hi), rng.randint(lo, hi), rng.randint(lo, hi))
+             for _ in range(config.n)]  # fmt: skip
+    a, b, x, y = (torch.tensor(col) for col in zip(*draws))
+    clean, corrupt = encode(a, b)[:, : EQ_POS + 1 + k + 1], encode(x, y)[:, : EQ_POS + 1 + k + 1]
+    examples = []
+    for ai, bi, xi, yi in draws:
+        meta = mul4_meta(ai, bi)
+        meta["counterfactual"] = {"a": xi, "b": yi, "result": xi * yi}
+        p, t = problem_text(ai, bi)
+        q, u = problem_text(xi, yi)
+        examples.append(Example(clean=p + t[: 1 + k], corrupted=q + u[: 1 + k], answer=t[1 + k],
+                                counterfactual_answer=u[1 + k], full_answer=t[1:], meta=meta))  # fmt: skip
+    return Dataset(config=config, style="digits", examples=examples, clean_tokens=clean[:, :-1],
+                   corrupted_tokens=corrupt[:, :-1], answer_ids=clean[:, -1],
+                   counterfactual_ids=corrupt[:, -1])  # fmt: skip
+
+
+def export_checkpoint(run: str | Path, dest: str | Path, *, n_test: int | None = None) -> dict:
+    """Ship an unfinished run: write the checkpoint in `run` as a model folder `dest` (HF weights, tokenizer,
+    `training_log.jsonl`, `arithinterp.json` with `"finished": false`, the step and stage reached, and held-out
+    accuracy in the no-cot format). The run itself is untouched and resumes as before."""
+    from arithinterp.train import TrainConfig, _write_model_folder, build_model
+
+    run, dest = Path(run), Path(dest)
+    ckpt = run / "checkpoint" / "checkpoint.pt"
+    if not ckpt.is_file():
+        raise ArithInterpError(f"{str(run)!r} holds no checkpoint (checkpoint/checkpoint.pt); pass a run folder.")
+    settings = json.loads((run / "checkpoint" / "settings.json").read_text())
+    cfg = TrainConfig(**settings["train_config"])
+    sched = Mul4Schedule(**settings["schedule"])
+    state = torch.load(ckpt, weights_only=True)
+    model = build_model(cfg, N_POSITIONS_MODEL)
+    model.load_state_dict(state["model"])
+    model.eval()
+    dest.mkdir(parents=True, exist_ok=True)
+    held = greedy_eval(model, cfg.seed, n_test or cfg.n_test)
+    stage = sched.stage_at(state["step"])
+    _write_model_folder(dest, model)
+    if state.get("aux"):
+        from safetensors.torch import save_file
+
+        save_file(state["aux"], str(dest / "aux_heads.safetensors"))
+    atomic_write_text(dest / "training_log.jsonl", "".join(json.dumps(e) + "\n" for e in state["log"]))
+    summary = {
+        "name": dest.name, "description": TASK_DESCRIPTIONS[cfg.task], "task": cfg.task, "finished": False,
+        "step": state["step"], "steps": cfg.steps, "stage": stage, "stages": len(sched.removals),
+        "cot_tokens_removed": sched.removals[stage], "train_config": asdict(cfg), "schedule": asdict(sched),
+        "held_out": held, "n_test": n_test or cfg.n_test, "train_time_s": round(state["elapsed"], 1),
+        "resume": f"arithinterp train --task {cfg.task} --out {run}",
+        "format": "<bos>a0a1a2a3*b0b1b2b3$=c0c1c2c3c4c5c6c7<eos> (all numbers least significant digit first)",
+    }  # fmt: skip
+    atomic_write_json(dest / "arithinterp.json", summary)
+    return summary

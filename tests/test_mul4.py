@@ -1,0 +1,279 @@
+"""4x4 multiplication: data and metadata worked on paper, the internalization schedule, the auxiliary head,
+resumable training, and the analyses against planted truths."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from arithinterp import ArithInterpError, mul4
+from arithinterp import mul4_analysis as ma
+from arithinterp.tokenizer import build_char_tokenizer
+from arithinterp.train import TRAIN_TASKS, TrainConfig, default_config, train
+
+TINY = dict(n_layer=2, n_head=2, d_model=32, d_mlp=64, batch_size=16, n_test=20, eval_every=4, checkpoint_every=3,
+            warmup=2)  # fmt: skip
+
+
+def _text(ids) -> str:
+    return build_char_tokenizer().decode(list(ids))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data, worked on paper: 1234 * 5678 = 7006652
+
+
+def test_metadata_worked_on_paper():
+    m = mul4.mul4_meta(1234, 5678)
+    assert m["a_digits"] == [4, 3, 2, 1] and m["b_digits"] == [8, 7, 6, 5]
+    assert m["partial_products"] == [[32, 28, 24, 20], [24, 21, 18, 15], [16, 14, 12, 10], [8, 7, 6, 5]]
+    # s_k = sum over i + j = k: 4*8; 4*7+3*8; 4*6+3*7+2*8; 4*5+3*6+2*7+1*8; 3*5+2*6+1*7; 2*5+1*6; 1*5; 0
+    assert m["column_sums"] == [32, 52, 61, 60, 34, 16, 5, 0]
+    assert m["carries"] == [0, 3, 5, 6, 6, 4, 2, 0]  # carry into place k
+    assert m["running_sums"] == [32, 55, 66, 66, 40, 20, 7, 0]  # ĉ_k = s_k + carry
+    assert m["result_digits"] == [2, 5, 6, 6, 0, 0, 7, 0]  # 7006652, LSB first
+    assert m["result"] == 7006652
+    json.dumps(m)  # plain JSON for the stores and probes
+
+
+def test_chain_of_thought_worked_on_paper():
+    # P0 = 1234*8 = 9872; P1 = 1234*7*10 = 86380; S1 = 96252; P2 = 740400; S2 = 836652; P3 = 6170000; all LSB first
+    assert mul4.cot_text(1234, 5678) == "27890+083680:252690+0040470:2566380+00007160"
+    assert len(mul4.cot_text(1234, 5678)) == mul4.COT_LEN == 44
+    assert mul4.problem_text(1234, 5678) == ("4321*8765$", "=25660070")
+    assert mul4.problem_text(1234, 5678, removed=28) == ("4321*8765$", "2566380+00007160=25660070")  # 5+1+6+1+6+1+7+1
+    with pytest.raises(ArithInterpError, match="removed=45"):
+        mul4.problem_text(1, 2, removed=45)
+
+
+@pytest.mark.parametrize("removed", [0, 8, 17, 44])
+def test_vectorised_encoding_matches_text(removed):
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randint(0, 10_000, (20,), generator=g), torch.randint(0, 10_000, (20,), generator=g)
+    seq = mul4.encode(a, b, removed)
+    for row, x, y in zip(seq, a.tolist(), b.tolist()):
+        prompt, target = mul4.problem_text(x, y, removed=removed)
+        assert _text(row) == "<bos>" + prompt + target + "<eos>"
+    cs = mul4.running_sums(a, b)
+    assert cs.tolist() == [
+        [float(v) for v in mul4.mul4_meta(x, y)["running_sums"]] for x, y in zip(a.tolist(), b.tolist())
+    ]
+
+
+def test_positions_of_the_no_cot_format():
+    seq = mul4.encode(torch.tensor([1234]), torch.tensor([5678]))[0]
+    assert (
+        len(seq) == mul4.NO_COT_LEN == 21
+        and mul4.encode(torch.tensor([1]), torch.tensor([2]), 0).shape[1] == mul4.N_POSITIONS == 65
+    )
+    assert _text(seq[mul4.EQ_POS : mul4.EQ_POS + 1]) == "="
+    assert _text(seq[ma.A_POS]) == "4321" and _text(seq[ma.B_POS]) == "8765"
+
+
+def test_sampler_never_draws_a_held_out_problem():
+    n = 50
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randint(0, 10**4, (2 * n,), generator=g), torch.randint(0, 10**4, (2 * n,), generator=g)
+    keys = a * 10**4 + b
+    sampler = mul4.ProblemSampler(seed=0, n_test=10)
+    sampler.banned = torch.sort(keys[::2]).values  # ban every other pair the sampler is about to draw
+    x, y = sampler(n, torch.Generator().manual_seed(3))
+    assert (x * 10**4 + y).tolist() == keys[1::2].tolist()
+    ta, tb = mul4.held_out(0, 10)
+    assert set((ta * 10**4 + tb).tolist()) == set(mul4.ProblemSampler(seed=0, n_test=10).banned.tolist())
+
+
+def test_dataset_of_task_mul4(char_tokenizer):
+    from arithinterp.tasks import make_dataset
+
+    ds = make_dataset(char_tokenizer, task="mul4", n=5, answer_token=3, seed=1)
+    ex = ds.examples[0]
+    m = ex.meta
+    assert _text(ds.clean_tokens[0]) == "<bos>" + ex.clean
+    assert ex.clean.endswith("=" + "".join(map(str, m["result_digits"][:3])))
+    assert ex.answer == str(m["result_digits"][3]) and _text([ds.answer_ids[0]]) == ex.answer
+    assert ds.clean_tokens.shape == ds.corrupted_tokens.shape == (5, mul4.EQ_POS + 1 + 3)
+    with pytest.raises(ArithInterpError, match="answer_token=8"):
+        make_dataset(char_tokenizer, task="mul4", n=5, answer_token=8)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Schedule, auxiliary head, training
+
+
+def test_stage_schedule():
+    s = mul4.SCHEDULES["mul4-icot"]
+    assert s.removals == [0, 8, 16, 24, 32, 40, 44]
+    assert [s.stage_at(t) for t in (0, 1999, 2000, 11_999, 12_000, 19_999)] == [0, 0, 1, 5, 6, 6]
+    assert mul4.SCHEDULES["mul4-sft"].removals == [44] and mul4.SCHEDULES["mul4-aux"].aux_weight > 0
+    assert all(TRAIN_TASKS[t].loop is not None for t in mul4.TASKS)
+    assert mul4.TRAIN_DEFAULTS == TRAIN_TASKS["mul4-icot"].defaults
+    cfg = dataclasses.replace(default_config("mul4-icot"), warmup=10)
+    assert mul4._lr(cfg, s, 2000) == pytest.approx(cfg.lr / 10)  # warm-up restarts with the fresh optimiser
+    assert mul4._lr(cfg, s, 2010) == pytest.approx(cfg.lr)
+    with pytest.raises(ArithInterpError, match="remove_per_stage=45"):
+        mul4.Mul4Schedule(remove_per_stage=45)
+
+
+def test_aux_heads_read_the_positions_predicting_each_digit():
+    heads = mul4.AuxHeads(4)
+    with torch.no_grad():
+        heads.linear.weight.zero_()
+        heads.linear.weight[:, 0] = torch.arange(1.0, 9.0)  # head k scales feature 0 by k + 1
+        heads.linear.bias.zero_()
+    x = torch.zeros(2, 20, 4)
+    x[:, :, 0] = torch.arange(20.0)  # feature 0 = the position
+    out = heads(x)
+    k = torch.arange(8.0)
+    assert torch.allclose(out, ((mul4.EQ_POS + k) * (k + 1)).expand(2, 8))
+
+
+def test_aux_hook_is_transformer_lens_attn_out(tmp_path, char_tokenizer):
+    from transformers import GPT2LMHeadModel
+
+    from arithinterp.models import load
+    from tests.conftest import build_random_gpt2
+
+    folder = build_random_gpt2(tmp_path / "m", char_tokenizer, n_layer=2, d_model=32)
+    hf = GPT2LMHeadModel.from_pretrained(folder).eval()
+    box, handle = mul4._last_attn_capture(hf)
+    seq = mul4.encode(torch.tensor([1234, 99]), torch.tensor([5678, 7]))[:, :-1]
+    with torch.no_grad():
+        hf(seq)
+    handle.remove()
+    _, cache = load(str(folder)).run_with_cache(seq)
+    torch.testing.assert_close(box["attn_out"], cache["blocks.1.hook_attn_out"], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_icot_resume_is_bit_identical_across_stages(tmp_path, monkeypatch):
+    monkeypatch.setitem(mul4.SCHEDULES, "mul4-icot", mul4.Mul4Schedule(remove_per_stage=20, steps_per_stage=2))
+    cfg = TrainConfig(task="mul4-icot", steps=8, **TINY)  # stages remove 0, 20, 40, 44 tokens
+    full = train(cfg, tmp_path / "full", progress=False)
+    part = train(cfg, tmp_path / "resumed", progress=False, max_steps_this_run=5)
+    assert part == {"finished": False, "step": 5, "stage": 2}
+    state = torch.load(tmp_path / "resumed" / "checkpoint" / "checkpoint.pt", weights_only=True)
+    assert int(state["opt"]["state"][0]["step"]) == 1  # the optimiser was reset at the start of stage 2 (step 4)
+    done = train(cfg, tmp_path / "resumed", progress=False)
+    a, b = load_file(tmp_path / "full" / "model.safetensors"), load_file(tmp_path / "resumed" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert full["held_out"] == done["held_out"]
+    log = [json.loads(line) for line in (tmp_path / "full" / "training_log.jsonl").read_text().splitlines()]
+    assert log[-1]["stage"] == 3 and log[-1]["removed"] == 44
+    with pytest.raises(ArithInterpError, match="other settings"):
+        train(dataclasses.replace(cfg, lr=0.5), tmp_path / "resumed2", progress=False, max_steps_this_run=1)
+        train(cfg, tmp_path / "resumed2", progress=False)
+
+
+@pytest.mark.slow
+def test_sft_and_aux_learn_and_export(tmp_path):
+    cfg = TrainConfig(task="mul4-aux", steps=50, **{**TINY, "eval_every": 50, "checkpoint_every": 50, "lr": 3e-3})
+    summary = train(cfg, tmp_path / "aux", progress=False)
+    log = [json.loads(line) for line in (tmp_path / "aux" / "training_log.jsonl").read_text().splitlines()]
+    a, b = mul4.held_out(5, 2000)
+    cs = mul4.running_sums(a, b)
+    assert log[-1]["loss"] < 0.8 * np.log(len(build_char_tokenizer()))  # below the loss of uniform guessing
+    assert log[-1]["aux_mse"] < 0.5 * float((cs**2).mean())  # the head learnt more than predicting 0
+    assert (tmp_path / "aux" / "aux_heads.safetensors").is_file()
+    assert summary["held_out"]["digit_accuracy_per_k"][0] >= 0  # evaluated, no-cot greedy
+    sft = TrainConfig(task="mul4-sft", steps=10, **TINY)
+    assert train(sft, tmp_path / "sft", progress=False, max_steps_this_run=6)["finished"] is False
+    exported = mul4.export_checkpoint(tmp_path / "sft", tmp_path / "shipped")
+    assert exported["finished"] is False and exported["step"] == 6
+    assert "arithinterp train --task mul4-sft" in exported["resume"]
+    from arithinterp.models import load
+
+    assert load(str(tmp_path / "shipped")).cfg.n_layers == 2
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Analyses against planted truths
+
+
+class DigitReader:
+    """A fake model whose logit at the position predicting c_k (k < 4) is the token id at a_k, for every token."""
+
+    def __call__(self, tokens):
+        logits = torch.zeros(*tokens.shape, 60)
+        for k in range(4):
+            logits[:, mul4.EQ_POS + k] = tokens[:, ma.A_POS[k], None].float()
+        return logits
+
+
+def test_digit_swap_finds_the_planted_dependencies():
+    a, b = ma.problems(200, 0)
+    heat = ma.digit_swap_attribution(DigitReader(), a, b)
+    assert heat.shape == (8, 8)
+    planted = np.zeros((8, 8), dtype=bool)
+    planted[range(4), range(4)] = True  # c_k reads a_k only
+    assert (heat[~planted] == 0).all()
+    assert (heat[planted] > 2).all()  # |new - old| of two different random digits averages 3.3
+
+
+def test_ridge_probes_recover_planted_running_sums():
+    a, b = ma.problems(400, 0)
+    hook = "blocks.1.hook_resid_mid"
+    cs = mul4.running_sums(a, b)
+    acts = torch.randn(400, 20, 16)
+    planted = acts.clone()
+    planted[:, mul4.EQ_POS : mul4.EQ_POS + 8, 3] = cs  # ĉ_k written on feature 3 at its position
+    model = type("M", (), {"cfg": type("C", (), {"n_layers": 2})()})()
+    good = ma.running_sum_probes(model, a, b, acts={hook: planted})
+    bad = ma.running_sum_probes(model, a, b, acts={hook: acts})
+    assert max(good.mae[:7]) < 0.5 and min(good.r2[:7]) > 0.99
+    for k in range(7):  # noise: no better than guessing the mean
+        assert bad.mae[k] > 0.9 * bad.mean_abs_target[k]
+    pp = ma.partial_product_probes(model, a, b, hooks=[hook], positions=[mul4.EQ_POS + 2], acts={
+        hook: torch.cat([planted, torch.tensor([m["partial_products"][1][2] for m in ma.metadata(a, b)]).float()
+                         [:, None, None].expand(400, 20, 1)], -1)})  # fmt: skip
+    assert pp.r2.shape == (1, 1, 4, 4) and pp.r2[0, 0, 1, 2] > 0.99 and pp.control_r2 < 0.2
+
+
+def test_attention_graph_reads_the_planted_pair():
+    a, b = ma.problems(10, 0)
+    pat = torch.zeros(10, 2, 20, 20)
+    pat[:, 0, :, ma.A_POS[1]] = 0.6  # head L0H0 attends to a_1 and b_2 from every position
+    pat[:, 0, :, ma.B_POS[2]] = 0.4
+    pat[:, 1, :, 0] = 1.0  # head L0H1 attends to <bos>
+    model = type("M", (), {"cfg": type("C", (), {"n_layers": 1})()})()
+    g = ma.attention_graph(model, a, b, acts={"blocks.0.attn.hook_pattern": pat})
+    assert g.pattern.shape == (1, 2, 8, 20)
+    assert all(p["a"] == 1 and p["b"] == 2 and p["operand_share"] == pytest.approx(1.0) for p in g.pairs[0][0])
+    assert g.pairs[0][1][0]["operand_share"] == 0
+    top = g.edges(0.5)[0]
+    assert (top["head"], top["token"]) in {(1, "<bos>")} and g.token_labels[ma.A_POS[1]] == "a1"
+
+
+@pytest.mark.slow
+def test_run_all_on_a_tiny_random_model(tmp_path, char_tokenizer):
+    from arithinterp.models import load
+    from tests.conftest import build_random_gpt2
+
+    model = load(str(build_random_gpt2(tmp_path / "m", char_tokenizer, n_layer=2, d_model=32)))
+    report = ma.run_all(model, ma.Mul4AnalysisConfig(n=120, folds=3), progress=False)
+    rec = json.loads(json.dumps(report.record()))
+    assert np.asarray(rec["digit_swap"]["mean_abs_logit_change"]).shape == (8, 8)
+    assert len(rec["running_sum_probe"]["mae_per_k"]) == 8
+    assert np.asarray(rec["partial_product_probe"]["r2"]).shape == (4, 9, 4, 4)
+    assert set(rec["fourier"]) == {"embedding", "final_state_c3"}
+    assert 0 <= rec["accuracy"]["digit_accuracy"] <= 1
+    assert len(report.pca["coords"]) == 120 and len(ma.figures(report, title="t")) == 5
+
+
+@pytest.mark.slow
+def test_cli_mul4_analyze(tmp_path, char_tokenizer, capsys):
+    from arithinterp.cli import main
+    from tests.conftest import build_random_gpt2
+
+    folder = build_random_gpt2(tmp_path / "m", char_tokenizer, n_layer=2, d_model=32)
+    assert main(["mul4-analyze", "--model", str(folder), "--n", "60", "--out", str(tmp_path / "out")]) == 0
+    rec = json.loads((tmp_path / "out" / "mul4-analyze.json").read_text())
+    assert rec["task"] == "mul4" and rec["n"] == 60 and len(rec["running_sum_probe"]["mae_per_k"]) == 8
+    assert (tmp_path / "out" / "mul4-analyze.html").is_file()
+    assert "running-sum probe" in capsys.readouterr().out
+    assert main(["mul4-analyze", "--model", str(folder), "--n", "3", "--out", str(tmp_path / "o2")]) == 2
