@@ -147,23 +147,50 @@ def models() -> None:
 @task_options
 @click.option("--metric", default="logit_diff", show_default=True, type=click.Choice(METRICS))
 @click.option("--engine", default="auto", show_default=True, type=click.Choice(["auto", "fast", "transformer-lens"]))
-@click.option("--method", default="activation", show_default=True, type=click.Choice(PATCH_METHODS),
-              help="Exact activation patching, path patching, or attribution patching (AtP; EAP-IG).")
-@click.option("--granularity", default=None, type=click.Choice(PATCH_GRANULARITIES),
-              help="What is patched. activation: components (heads' z and MLP outputs; default), heads, head_q, "
-                   "head_k, head_v, head_pattern, attn_out, mlp_out, resid_pre, resid_mid, resid_post. "
-                   "attribution/eap-ig: components (nodes) or edge (default for eap-ig).")
-@click.option("--position", default="final", show_default=True,
-              help="Where to patch: final, each (a sweep over positions), all (all at once) or a token index. "
-                   "Path patching always patches a sender's write at every position.")
-@click.option("--direction", default="denoising", show_default=True, type=click.Choice(PATCH_DIRECTIONS),
-              help="denoising: clean activations into the corrupted run; noising: the reverse.")
+@click.option(
+    "--method",
+    default="activation",
+    show_default=True,
+    type=click.Choice(PATCH_METHODS),
+    help="Exact activation patching, path patching, or attribution patching (AtP; EAP-IG).",
+)
+@click.option(
+    "--granularity",
+    default=None,
+    type=click.Choice(PATCH_GRANULARITIES),
+    help="What is patched. activation: components (heads' z and MLP outputs; default), heads, head_q, "
+    "head_k, head_v, head_pattern, attn_out, mlp_out, resid_pre, resid_mid, resid_post. "
+    "attribution/eap-ig: components (nodes) or edge (default for eap-ig).",
+)
+@click.option(
+    "--position",
+    default="final",
+    show_default=True,
+    help="Where to patch: final, each (a sweep over positions), all (all at once) or a token index. "
+    "Path patching always patches a sender's write at every position.",
+)
+@click.option(
+    "--direction",
+    default="denoising",
+    show_default=True,
+    type=click.Choice(PATCH_DIRECTIONS),
+    help="denoising: clean activations into the corrupted run; noising: the reverse.",
+)
 @click.option("--senders", default=None, help="Path patching: comma-separated senders (default: every head and MLP).")
-@click.option("--receivers", default="logits", show_default=True,
-              help="Path patching: comma-separated receivers: logits, MLP<l>, L<l>H<h> (q, k and v), L<l>H<h>.q|k|v.")
+@click.option(
+    "--receivers",
+    default="logits",
+    show_default=True,
+    help="Path patching: comma-separated receivers: logits, MLP<l>, L<l>H<h> (q, k and v), L<l>H<h>.q|k|v.",
+)
 @click.option("--iterative", is_flag=True, help="Path patching: map the circuit backwards from the logits.")
-@click.option("--threshold", default=0.1, show_default=True, type=float,
-              help="Iterative path patching (and edges drawn): keep paths with |effect| at least this.")
+@click.option(
+    "--threshold",
+    default=0.1,
+    show_default=True,
+    type=float,
+    help="Iterative path patching (and edges drawn): keep paths with |effect| at least this.",
+)
 @click.option("--ig-steps", default=5, show_default=True, type=int, help="eap-ig: integrated-gradient steps.")
 @click.option("--compare-exact", is_flag=True, help="attribution/eap-ig: also run exact patching and report the "
               "Spearman rank correlation with it.")  # fmt: skip
@@ -230,8 +257,24 @@ def patch(model_spec, task, n, seed, style, counterfactual, digits, operand_rang
     click.echo(f"wrote {out_dir / 'patch.json'} and {out_dir / 'patch.html'}")
 
 
-def _patch_report(model, dataset, *, method, granularity, position, direction, senders, receivers, iterative,
-                  threshold, ig_steps, compare_exact, metric, engine, what) -> dict[str, Any]:
+def _patch_report(
+    model,
+    dataset,
+    *,
+    method,
+    granularity,
+    position,
+    direction,
+    senders,
+    receivers,
+    iterative,
+    threshold,
+    ig_steps,
+    compare_exact,
+    metric,
+    engine,
+    what,
+) -> dict[str, Any]:
     """Run a non-default `patch` (another method, granularity, position or direction): JSON fields, figures."""
     from arithinterp import plots
     from arithinterp.path_patching import Receiver, iterative_path_patch, parse_components, path_patch
@@ -423,18 +466,40 @@ def attribute(model_spec, task, n, seed, style, counterfactual, digits, operand_
 
 @cli.command()
 @model_option
-@click.option("--circuit", "circuit_path", required=True, type=click.Path(dir_okay=False),
-              help="circuit.json from `arithinterp localize`: the heads (and MLPs) to train.")
-@click.option("--task", default="add", show_default=True, type=click.Choice(["add", "sub", "mul", "div"]),
-              help="Arithmetic task to fine-tune on.")
+@click.option(
+    "--circuit",
+    "circuit_path",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="circuit.json from `arithinterp localize`: the heads (and MLPs) to train.",
+)
+@click.option(
+    "--task",
+    default="add",
+    show_default=True,
+    type=click.Choice(["add", "sub", "mul", "div"]),
+    help="Arithmetic task to fine-tune on.",
+)
 @click.option("--digits", default=2, show_default=True, type=int, help="Operand digits (digit style).")
-@click.option("--style", default=None, type=click.Choice(STYLES),
-              help="Prompt template; default: digits for built-in models, equation otherwise.")
+@click.option(
+    "--style",
+    default=None,
+    type=click.Choice(STYLES),
+    help="Prompt template; default: digits for built-in models, equation otherwise.",
+)
 @click.option("--range", "operand_range", default=None, type=(int, int), help="Operand range LO HI (inclusive).")
-@click.option("--transfer", multiple=True, help="A transfer distribution as changes to the target, e.g. "
-              "'digits=3', 'task=sub', 'style=question' (repeatable; default: digits +-1 or the other styles).")
-@click.option("--baselines", default="full,random,lora", show_default=True,
-              help="Comma-separated baselines to run beside the selective arm (full, random, lora), or 'none'.")
+@click.option(
+    "--transfer",
+    multiple=True,
+    help="A transfer distribution as changes to the target, e.g. "
+    "'digits=3', 'task=sub', 'style=question' (repeatable; default: digits +-1 or the other styles).",
+)
+@click.option(
+    "--baselines",
+    default="full,random,lora",
+    show_default=True,
+    help="Comma-separated baselines to run beside the selective arm (full, random, lora), or 'none'.",
+)
 @click.option("--epochs", default=4, show_default=True, type=int)
 @click.option("--lr", default=3e-4, show_default=True, type=float)
 @click.option("--arm-lr", multiple=True, help="A learning rate for one arm, e.g. 'full=3e-4' (repeatable).")
@@ -442,18 +507,32 @@ def attribute(model_spec, task, n, seed, style, counterfactual, digits, operand_
 @click.option("--n-train", default=4000, show_default=True, type=int, help="Training problems.")
 @click.option("--n-eval", default=300, show_default=True, type=int, help="Held-out problems per distribution.")
 @click.option("--optimizer", default="adam", show_default=True, type=click.Choice(["adam", "sgd"]))
-@click.option("--weight-decay", default=0.0, show_default=True, type=float,
-              help="Decoupled weight decay on the trained entries only.")
-@click.option("--grad-scale", default="none", show_default=True, type=click.Choice(["none", "heads"]),
-              help="heads: multiply the selection's gradients by total heads / selected heads.")
+@click.option(
+    "--weight-decay",
+    default=0.0,
+    show_default=True,
+    type=float,
+    help="Decoupled weight decay on the trained entries only.",
+)
+@click.option(
+    "--grad-scale",
+    default="none",
+    show_default=True,
+    type=click.Choice(["none", "heads"]),
+    help="heads: multiply the selection's gradients by total heads / selected heads.",
+)
 @click.option("--with-mlps/--heads-only", default=True, show_default=True, help="Train the circuit's MLPs too.")
 @click.option("--retention", default="auto", show_default=True,
               help="Non-arithmetic ability to check: auto, reversal (built-in models), none, or a text file "
                    "(language-model loss).")  # fmt: skip
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--save-baselines", is_flag=True, help="Also save each baseline's model under DIR/arms/.")
-@click.option("--out", required=True, type=click.Path(file_okay=False),
-              help="New output folder (an interrupted run there resumes).")
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="New output folder (an interrupted run there resumes).",
+)
 @click.option("--overwrite", is_flag=True, help="Allow writing into a non-empty --out folder.")
 @user_errors
 def finetune(model_spec, circuit_path, task, digits, style, operand_range, transfer, baselines, epochs, lr, arm_lr,
@@ -473,7 +552,8 @@ def finetune(model_spec, circuit_path, task, digits, style, operand_range, trans
         raise ArithInterpError(f"--arm-lr {arm_lr!r}: write ARM=RATE, e.g. --arm-lr full=3e-4.") from None
     cfg = FinetuneConfig(
         target=target, transfer=tuple(parse_transfer(t, target) for t in transfer) or "auto", n_train=n_train,
-        n_eval=n_eval, epochs=epochs, batch_size=batch_size, lr=lr, lr_by_arm=lr_by_arm, optimizer=optimizer, weight_decay=weight_decay,
+        n_eval=n_eval, epochs=epochs, batch_size=batch_size, lr=lr, lr_by_arm=lr_by_arm, optimizer=optimizer,
+        weight_decay=weight_decay,
         grad_scale=grad_scale, include_mlps=with_mlps, baselines=chosen, retention=retention, seed=seed,
         save_baselines=save_baselines,
     )  # fmt: skip
@@ -516,25 +596,58 @@ def train(task, out, steps, seed, overwrite) -> None:
 @cli.command()
 @model_option
 @task_options
-@click.option("--method", default="activation", show_default=True, type=click.Choice(sorted(SCORE_METHODS)),
-              help="How components are scored: activation patching, or single-component knockouts.")
+@click.option(
+    "--method",
+    default="activation",
+    show_default=True,
+    type=click.Choice(sorted(SCORE_METHODS)),
+    help="How components are scored: activation patching, or single-component knockouts.",
+)
 @click.option("--metric", default="logit_diff", show_default=True, type=click.Choice(METRICS))
-@click.option("--select", "select_how", default="faithfulness", show_default=True, type=click.Choice(SELECT_HOW),
-              help="top-k (--k), threshold (--threshold, --direction) or the smallest set reaching --target.")
+@click.option(
+    "--select",
+    "select_how",
+    default="faithfulness",
+    show_default=True,
+    type=click.Choice(SELECT_HOW),
+    help="top-k (--k), threshold (--threshold, --direction) or the smallest set reaching --target.",
+)
 @click.option("--k", default=5, show_default=True, type=int, help="Circuit size for --select top-k.")
-@click.option("--threshold", default=0.05, show_default=True, type=float,
-              help="Score threshold for --select threshold.")
-@click.option("--direction", default="abs", show_default=True, type=click.Choice(DIRECTIONS),
-              help="Threshold on |score| (abs), score >= t (above) or score <= t (below; knockout drops).")
+@click.option(
+    "--threshold", default=0.05, show_default=True, type=float, help="Score threshold for --select threshold."
+)
+@click.option(
+    "--direction",
+    default="abs",
+    show_default=True,
+    type=click.Choice(DIRECTIONS),
+    help="Threshold on |score| (abs), score >= t (above) or score <= t (below; knockout drops).",
+)
 @click.option("--target", default=0.9, show_default=True, type=float, help="Faithfulness for --select faithfulness.")
-@click.option("--ablation", default="mean", show_default=True, type=click.Choice(ABLATIONS),
-              help="How removed components are replaced: mean over the prompts, counterfactual run, or zero.")
-@click.option("--baseline", default="ablated", show_default=True, type=click.Choice(BASELINES),
-              help="Faithfulness 0 point: every component ablated, or the corrupted run.")
-@click.option("--positions", default="all", show_default=True, type=click.Choice(POSITIONS),
-              help="Ablate at every position or only at the final one.")
-@click.option("--n-random", default=100, show_default=True, type=int,
-              help="Random same-size sets for the knockout test.")
+@click.option(
+    "--ablation",
+    default="mean",
+    show_default=True,
+    type=click.Choice(ABLATIONS),
+    help="How removed components are replaced: mean over the prompts, counterfactual run, or zero.",
+)
+@click.option(
+    "--baseline",
+    default="ablated",
+    show_default=True,
+    type=click.Choice(BASELINES),
+    help="Faithfulness 0 point: every component ablated, or the corrupted run.",
+)
+@click.option(
+    "--positions",
+    default="all",
+    show_default=True,
+    type=click.Choice(POSITIONS),
+    help="Ablate at every position or only at the final one.",
+)
+@click.option(
+    "--n-random", default=100, show_default=True, type=int, help="Random same-size sets for the knockout test."
+)
 @click.option("--transfer", "transfers", multiple=True, metavar="KEY=VALUE[,...]",
               help="Also locate on a variant dataset and compare, repeatable: answer_token=1, range=0:499, "
                    "counterfactual=random, style=statement, task=sub.")  # fmt: skip
@@ -718,17 +831,37 @@ def store(model_spec, task, n, seed, style, counterfactual, digits, operand_rang
               help="Hook points to probe, repeatable or comma-separated, patterns allowed (default: the residual "
                    "stream entering block 0 and after every block).")  # fmt: skip
 @_positions_option
-@click.option("--store", "store_dir", default=None, type=click.Path(file_okay=False),
-              help="Probe an existing activation store instead of running the model (its model and task are used).")
+@click.option(
+    "--store",
+    "store_dir",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Probe an existing activation store instead of running the model (its model and task are used).",
+)
 @click.option("--kind", default="auto", show_default=True, type=click.Choice(["auto", "classification", "regression"]))
-@click.option("--estimator", default="logistic", show_default=True, type=click.Choice(["logistic", "ridge"]),
-              help="Classifier: logistic regression, or a least-squares ridge classifier (faster).")
+@click.option(
+    "--estimator",
+    default="logistic",
+    show_default=True,
+    type=click.Choice(["logistic", "ridge"]),
+    help="Classifier: logistic regression, or a least-squares ridge classifier (faster).",
+)
 @click.option("--folds", default=5, show_default=True, type=int, help="Cross-validation folds (split by example).")
-@click.option("--control", default="shuffle", show_default=True, type=click.Choice(["shuffle", "random", "both"]),
-              help="Control probe: shuffled labels, random features, or both.")
+@click.option(
+    "--control",
+    default="shuffle",
+    show_default=True,
+    type=click.Choice(["shuffle", "random", "both"]),
+    help="Control probe: shuffled labels, random features, or both.",
+)
 @click.option("--max-examples", default=2000, show_default=True, type=int, help="Examples used per probe.")
-@click.option("--threshold", default=0.95, show_default=True, type=float,
-              help="Score at which a target counts as decodable (first_decodable in probe.json).")
+@click.option(
+    "--threshold",
+    default=0.95,
+    show_default=True,
+    type=float,
+    help="Score at which a target counts as decodable (first_decodable in probe.json).",
+)
 @out_options("probe")
 @user_errors
 def probe(model_spec, task, n, seed, style, counterfactual, digits, operand_range, answer_token, only_correct,

@@ -50,7 +50,10 @@ def list_builtins() -> list[BuiltinModel]:
         for d in sorted(BUILTIN_DIR.iterdir()):
             if (d / "config.json").is_file():
                 card = d / "arithinterp.json"
-                desc = json.loads(card.read_text()).get("description", "") if card.is_file() else ""
+                info = json.loads(card.read_text()) if card.is_file() else {}
+                desc = info.get("description", "")
+                if info.get("finished") is False:
+                    desc += " [training unfinished: see arithinterp.json]"
                 size = sum(f.stat().st_size for f in d.iterdir() if f.is_file()) / 1e6
                 found.append(BuiltinModel(name=d.name, path=d, description=desc, size_mb=round(size, 2)))
     return found

@@ -332,3 +332,28 @@ def test_mixed_batches_hold_out_and_mask():
         text = "".join(VOCAB[t] for t in row[1:] if t > 2)
         word, _, rev = text.partition(">")
         assert rev == word[::-1] and word not in held and sum(m) == len(word) + 1
+
+
+def test_text_retention_is_the_language_model_loss(tiny_model_dir, tmp_path):
+    from arithinterp.finetune import make_retention
+
+    model, tok, _ = load_hf(str(tiny_model_dir))
+    (tmp_path / "text.txt").write_text("the quick brown fox jumps over the lazy dog " * 10)
+    ret = make_retention(str(tmp_path / "text.txt"), tok, model, n=10)
+    assert (ret.kind, ret.metric, ret.higher_is_better) == ("text", "lm_loss", False)
+    ids = tok.encode("the quick brown fox jumps over the lazy dog " * 10, add_special_tokens=False)
+    windows = torch.tensor(ids[: len(ids) // 64 * 64]).view(-1, 64)  # the model's 64 positions per window
+    assert torch.equal(ret.windows, windows) and len(windows) == 6
+    with torch.no_grad():  # mean next-token cross-entropy over all windows, worked out directly
+        logits = model(windows[:, :-1]).logits
+        expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), windows[:, 1:].flatten()).item()
+    assert ret.score(model) == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(ArithInterpError, match="text file"):
+        make_retention("reversal", _GPT2Like(), model, n=5)
+
+
+class _GPT2Like:
+    """A tokenizer that is not the built-in character tokenizer."""
+
+    def get_vocab(self):
+        return {"hello": 0}
