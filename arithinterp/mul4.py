@@ -355,7 +355,7 @@ def train_mul4(cfg, out: str | Path, *, overwrite: bool = False, progress: bool 
     checkpoint saved. Finished: a Hugging Face folder, `training_log.jsonl`, `arithinterp.json` (held-out
     exact match and digit accuracy on `cfg.n_test` problems, training time), and for mul4-aux `aux_heads.safetensors`.
     """
-    from arithinterp.train import _write_model_folder, build_model
+    from arithinterp.train import build_model, finish_run
 
     if cfg.task not in SCHEDULES:
         raise ArithInterpError(f"task {cfg.task!r} is not a multiplication task; choose one of: {', '.join(TASKS)}.")
@@ -452,24 +452,17 @@ def train_mul4(cfg, out: str | Path, *, overwrite: bool = False, progress: bool 
     model.eval()
     final = greedy_eval(model, cfg.seed, cfg.n_test)
     wall = time.time() - t0
-    _write_model_folder(out, model)
     if aux is not None:
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
-        save_file(aux.state_dict(), str(out / "aux_heads.safetensors"))
-    atomic_write_text(out / "training_log.jsonl", "".join(json.dumps(e) + "\n" for e in log))
+        atomic_write_bytes(out / "aux_heads.safetensors", save(aux.state_dict()))
     summary = {
         "name": out.name, "description": TASK_DESCRIPTIONS[cfg.task], "task": cfg.task,
         "train_config": asdict(cfg), "schedule": asdict(sched), "held_out": final, "n_test": cfg.n_test,
         "train_time_s": round(wall, 1), "threads": torch.get_num_threads(), "torch": torch.__version__,
         "format": "<bos>a0a1a2a3*b0b1b2b3$=c0c1c2c3c4c5c6c7<eos> (all numbers least significant digit first)",
     }  # fmt: skip
-    atomic_write_json(out / "arithinterp.json", summary)
-    for p in (ckpt_path, settings_path):
-        p.unlink(missing_ok=True)
-    if (out / "checkpoint").is_dir():
-        (out / "checkpoint").rmdir()
-    return summary
+    return finish_run(out, model, log, summary)
 
 
 TASK_DESCRIPTIONS = {

@@ -402,15 +402,24 @@ def _train(cfg: TrainConfig, out: Path, *, overwrite: bool, progress: bool, max_
     model.eval()
     final = task.evaluate(model, cfg)
     wall = time.time() - t0
-    _write_model_folder(out, model)
-    atomic_write_text(out / "training_log.jsonl", "".join(json.dumps(e) + "\n" for e in log))
     summary = {
         "name": out.name, "description": cfg.description or task.description, "task": cfg.task,
         "train_config": asdict(cfg), "held_out": final, "train_time_s": round(wall, 1),
         "threads": torch.get_num_threads(), "torch": torch.__version__,
     }  # fmt: skip
+    return finish_run(out, model, log, summary)
+
+
+def finish_run(out: Path, model, log: list[dict], summary: dict) -> dict:
+    """Write the finished model folder, its training log and `arithinterp.json`; then drop the checkpoint.
+
+    The summary is written after the weights, and the checkpoint removed last, so an interruption anywhere here
+    leaves either a resumable checkpoint or a complete folder.
+    """
+    _write_model_folder(out, model)
+    atomic_write_text(out / "training_log.jsonl", "".join(json.dumps(e) + "\n" for e in log))
     atomic_write_json(out / "arithinterp.json", summary)
-    for p in (ckpt_path, settings_path):
+    for p in (out / "checkpoint" / "checkpoint.pt", out / "checkpoint" / "settings.json"):
         p.unlink(missing_ok=True)
     if (out / "checkpoint").is_dir():
         (out / "checkpoint").rmdir()
