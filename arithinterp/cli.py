@@ -17,7 +17,8 @@ import click
 
 from arithinterp._errors import ArithInterpError
 from arithinterp._io import atomic_write_json, check_out_dir, prepare_out_dir
-from arithinterp.localize import ABLATIONS, BASELINES, DIRECTIONS, POSITIONS, SCORE_METHODS, SELECT_HOW
+from arithinterp.circuit import DIRECTIONS, SELECT_HOW
+from arithinterp.localize import ABLATIONS, BASELINES, POSITIONS, SCORE_METHODS
 from arithinterp.metrics import METRICS
 from arithinterp.models import DEFAULT_MODEL
 from arithinterp.patching import CLI_GRANULARITIES as PATCH_GRANULARITIES

@@ -52,6 +52,8 @@ from tqdm.auto import tqdm
 
 from arithinterp._errors import ArithInterpError
 from arithinterp._io import atomic_write_bytes, atomic_write_json, prepare_out_dir
+from arithinterp.circuit import Circuit
+from arithinterp.models import load_hf
 from arithinterp.patching import Component
 from arithinterp.tasks import OPS, STYLES, TaskConfig, make_dataset
 from arithinterp.tokenizer import is_char_tokenizer
@@ -161,42 +163,10 @@ def parse_transfer(text: str, target: TaskConfig) -> TaskConfig:
 
 
 def read_circuit(path: str | Path) -> tuple[list[Component], dict[str, Any]]:
-    """The components of a circuit.json (and its model, task, method) - through `localize.Circuit` if present."""
-    try:
-        from arithinterp.localize import Circuit
-    except ImportError:  # pragma: no cover - localize is part of the package; kept so this reader stands alone
-        Circuit = None
-    if Circuit is not None:
-        c = Circuit.load(path)
-        return list(c.components), {"model": c.model, "task": c.task, "method": c.method, "select": c.select,
-                                    "faithfulness": c.faithfulness}  # fmt: skip
-    try:  # pragma: no cover
-        data = json.loads(Path(path).read_text())
-        return [Component.parse(r["name"]) for r in data["components"]], {k: data.get(k) for k in ("model", "task")}
-    except (OSError, ValueError, KeyError, TypeError) as exc:  # pragma: no cover
-        raise ArithInterpError(
-            f"cannot read circuit file {str(path)!r} ({exc}); create one with `arithinterp localize`."
-        ) from exc
-
-
-def load_hf(spec: str):
-    """The Hugging Face causal LM (float32, eval mode) and tokenizer of a model spec (see `arithinterp.models`)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from arithinterp.models import resolve
-
-    kind, location = resolve(spec)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32, trust_remote_code=False)
-        tokenizer = AutoTokenizer.from_pretrained(location)
-    except (OSError, ValueError) as exc:
-        if kind == "hub":
-            raise ArithInterpError(
-                f"could not fetch model {spec!r} from the Hugging Face hub (offline, or no such model); "
-                "download it where the hub is reachable and pass its folder with --model /path/to/folder."
-            ) from exc
-        raise ArithInterpError(f"could not load model folder {location!r}: {exc}".splitlines()[0]) from exc
-    return model.eval(), tokenizer, location
+    """The components of a circuit.json and its model, task, method, selection and faithfulness."""
+    c = Circuit.load(path)
+    return list(c.components), {"model": c.model, "task": c.task, "method": c.method, "select": c.select,
+                                "faithfulness": c.faithfulness}  # fmt: skip
 
 
 @dataclass(frozen=True, kw_only=True)

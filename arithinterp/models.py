@@ -103,15 +103,36 @@ def load(spec: str = DEFAULT_MODEL, *, device: str = "cpu", trust_remote_code: b
     try:
         bridge = TransformerBridge.boot_transformers(location, device=device, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as exc:
-        if kind == "hub":
-            raise ArithInterpError(
-                f"could not fetch model {spec!r} from the Hugging Face hub (offline, or no such model); "
-                "download it where the hub is reachable and pass its folder with --model /path/to/folder."
-            ) from exc
-        raise ArithInterpError(f"could not load model folder {location!r}: {exc}".splitlines()[0]) from exc
+        raise _load_error(spec, kind, location, exc) from exc
     bridge.eval()
     bridge.arithinterp_spec = spec  # recorded in every result file
     return bridge
+
+
+def load_hf(spec: str):
+    """The plain Hugging Face causal LM (float32, eval mode), its tokenizer and its folder or hub name.
+
+    For code that edits weights in place (`arithinterp.finetune`); analyses use `load`'s TransformerBridge.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kind, location = resolve(spec)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(location)
+    except (OSError, ValueError) as exc:
+        raise _load_error(spec, kind, location, exc) from exc
+    return model.eval(), tokenizer, location
+
+
+def _load_error(spec: str, kind: str, location: str, exc: Exception) -> ArithInterpError:
+    if kind == "hub":
+        return ArithInterpError(
+            f"could not fetch model {spec!r} from the Hugging Face hub (offline, or no such model); "
+            "download it where the hub is reachable and pass its folder with --model /path/to/folder."
+        )
+    return ArithInterpError(f"could not load model folder {location!r}: {exc}".splitlines()[0])
 
 
 def is_builtin(spec: str) -> bool:

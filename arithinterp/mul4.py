@@ -33,7 +33,6 @@ Runs are resumable from an atomic checkpoint, like `arithinterp.train.train`.
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import random
@@ -191,7 +190,7 @@ class Mul4Schedule:
     """What differs between the three multiplication tasks (model size and optimiser live in TrainConfig)."""
 
     remove_per_stage: int = 8  # chain-of-thought tokens removed per internalization stage (0: no-cot throughout)
-    steps_per_stage: int = 2000  # steps of every stage but the last (which gets the remaining steps)
+    steps_per_stage: int = 3000  # steps of every stage but the last (which gets the remaining steps)
     smoothing: float = 4.0  # removal smoothing (Deng et al.): extra removed tokens o ~ exp(-smoothing·o); 0 = off
     aux_weight: float = 0.0  # weight of the running-sum regression loss (mul4-aux)
     aux_scale: float = 10.0  # the head regresses ĉ_k / aux_scale
@@ -355,47 +354,25 @@ def train_mul4(cfg, out: str | Path, *, overwrite: bool = False, progress: bool 
     checkpoint saved. Finished: a Hugging Face folder, `training_log.jsonl`, `arithinterp.json` (held-out
     exact match and digit accuracy on `cfg.n_test` problems, training time), and for mul4-aux `aux_heads.safetensors`.
     """
-    from arithinterp.train import build_model, finish_run
+    from arithinterp.train import build_model, finish_run, open_run, restore_checkpoint, save_checkpoint
 
     if cfg.task not in SCHEDULES:
         raise ArithInterpError(f"task {cfg.task!r} is not a multiplication task; choose one of: {', '.join(TASKS)}.")
     sched = SCHEDULES[cfg.task]
     out = Path(out)
-    ckpt_path, settings_path = out / "checkpoint" / "checkpoint.pt", out / "checkpoint" / "settings.json"
-    settings = {"train_config": asdict(cfg), "schedule": asdict(sched)}
-    resuming = ckpt_path.is_file()
-    if resuming:
-        if json.loads(settings_path.read_text()) != settings:
-            raise ArithInterpError(f"{str(out)!r} holds a checkpoint of a run with other settings; pass the same "
-                                   "settings to resume, or another --out.")  # fmt: skip
-    elif out.exists() and any(out.iterdir()) and not overwrite:
-        raise ArithInterpError(f"output folder {str(out)!r} is not empty; pass another --out, or --overwrite.")
+    state = open_run(out, {"train_config": asdict(cfg), "schedule": asdict(sched)}, overwrite=overwrite)
     model = build_model(cfg, N_POSITIONS_MODEL)
     aux = AuxHeads(cfg.d_model) if sched.aux_weight > 0 else None
     params = list(model.parameters()) + (list(aux.parameters()) if aux is not None else [])
     opt = _optimizer(cfg, params)
     gen = torch.Generator().manual_seed(cfg.seed)
-    step, log, elapsed = 0, [], 0.0
-    if resuming:
-        state = torch.load(ckpt_path, weights_only=True)
-        model.load_state_dict(state["model"])
-        if aux is not None:
-            aux.load_state_dict(state["aux"])
-        opt.load_state_dict(state["opt"])
-        gen.set_state(state["gen"])
-        torch.set_rng_state(state["torch_rng"])
-        step, log, elapsed = state["step"], state["log"], state["elapsed"]
-    else:
-        atomic_write_json(settings_path, settings)
+    parts = {"model": model, "opt": opt} | ({"aux": aux} if aux is not None else {})
+    step, log, elapsed = restore_checkpoint(state, parts, gen) if state is not None else (0, [], 0.0)
     sampler = ProblemSampler(cfg.seed, cfg.n_test)
     box, handle = _last_attn_capture(model) if aux is not None else ({}, None)
 
     def save() -> None:
-        buf = io.BytesIO()
-        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "gen": gen.get_state(),
-                    "torch_rng": torch.get_rng_state(), "py_rng": random.getstate(), "log": log,
-                    "elapsed": time.time() - t0, "aux": aux.state_dict() if aux is not None else {}}, buf)  # fmt: skip
-        atomic_write_bytes(ckpt_path, buf.getvalue())
+        save_checkpoint(out, parts | {"opt": opt}, step=step, gen=gen, log=log, elapsed=time.time() - t0)
 
     model.train()
     t0 = time.time() - elapsed

@@ -227,8 +227,11 @@ def mixed_exact_match(model, cfg: TrainConfig) -> dict[str, float]:
 #: TrainConfig of the multiplication models (kept equal to arithinterp.mul4.TRAIN_DEFAULTS; a test checks it).
 _MUL4_DEFAULTS = {
     "digits": 4, "n_layer": 2, "n_head": 4, "d_model": 128, "d_mlp": 512, "batch_size": 64, "lr": 1e-3,
-    "warmup": 100, "weight_decay": 0.01, "eval_every": 500, "checkpoint_every": 200, "steps": 20_000,
+    "warmup": 100, "weight_decay": 0.01, "eval_every": 500, "checkpoint_every": 200,
 }  # fmt: skip
+#: icot: six internalization stages of 3,000 steps, then 18,000 steps without chain of thought; sft and aux get
+#: the same 30,000 steps each, so that the auxiliary loss is the only difference between them.
+_MUL4_STEPS = {"mul4-icot": 36_000, "mul4-sft": 30_000, "mul4-aux": 30_000}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -277,7 +280,7 @@ for _name, _text in (
     TRAIN_TASKS[_name] = TrainTask(
         sampler=_mul4("final_stage_batches"), evaluate=_mul4("final_stage_eval"), n_positions=72,
         description=f"4x4-digit multiplication, least significant digit first, {_text} (arithinterp.mul4)",
-        defaults=dict(_MUL4_DEFAULTS), loop=_mul4("train_mul4"),
+        defaults=dict(_MUL4_DEFAULTS, steps=_MUL4_STEPS[_name]), loop=_mul4("train_mul4"),
     )  # fmt: skip
 
 
@@ -310,14 +313,49 @@ def _lr_at(cfg: TrainConfig, step: int) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
-def _save_checkpoint(path: Path, model, opt, step: int, gen: torch.Generator, log: list, elapsed: float) -> None:
+def open_run(out: Path, settings: dict, *, overwrite: bool) -> dict | None:
+    """Check `out` before training: the checkpoint state to resume from, or None for a fresh run.
+
+    A checkpoint is only resumed under the `settings` it was written with; a fresh run needs an empty (or absent)
+    folder unless `overwrite`, and records `settings` in `<out>/checkpoint/settings.json`.
+    """
+    ckpt, settings_path = out / "checkpoint" / "checkpoint.pt", out / "checkpoint" / "settings.json"
+    if ckpt.is_file():
+        if json.loads(settings_path.read_text()) != settings:
+            raise ArithInterpError(f"{str(out)!r} holds a checkpoint of a run with other settings; pass the same "
+                                   "settings to resume, or another --out.")  # fmt: skip
+        return torch.load(ckpt, weights_only=True)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ArithInterpError(f"output folder {str(out)!r} is not empty; pass another --out, or --overwrite.")
+    atomic_write_json(settings_path, settings)
+    return None
+
+
+def save_checkpoint(out: Path, parts: dict, *, step: int, gen: torch.Generator, log: list, elapsed: float) -> None:
+    """Atomically write `<out>/checkpoint/checkpoint.pt`: each part's state dict (model, optimiser, ...), the
+    step, the data generator, torch's and Python's random state, the log and the elapsed training time."""
     buf = io.BytesIO()
-    torch.save(
-        {"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "gen": gen.get_state(),
-         "torch_rng": torch.get_rng_state(), "py_rng": random.getstate(), "log": log, "elapsed": elapsed},
-        buf,
-    )  # fmt: skip
-    atomic_write_bytes(path, buf.getvalue())
+    state = {name: part.state_dict() for name, part in parts.items()}
+    state |= {"step": step, "gen": gen.get_state(), "torch_rng": torch.get_rng_state(), "py_rng": random.getstate(),
+              "log": log, "elapsed": elapsed}  # fmt: skip
+    torch.save(state, buf)
+    atomic_write_bytes(out / "checkpoint" / "checkpoint.pt", buf.getvalue())
+
+
+def restore_checkpoint(state: dict, parts: dict, gen: torch.Generator) -> tuple[int, list, float]:
+    """Load a state from `open_run` into `parts` and `gen`; returns (step, log, elapsed seconds)."""
+    for name, part in parts.items():
+        part.load_state_dict(state[name])
+    gen.set_state(state["gen"])
+    torch.set_rng_state(state["torch_rng"])
+    random.setstate(_py_rng(state["py_rng"]))
+    return state["step"], state["log"], state["elapsed"]
+
+
+def _py_rng(saved) -> tuple:
+    """random.getstate() comes back from torch.load with its inner tuple as a list."""
+    version, internal, gauss = saved
+    return version, tuple(internal), gauss
 
 
 def train(cfg: TrainConfig, out: str | Path, *, overwrite: bool = False, progress: bool = True,
@@ -341,32 +379,13 @@ def _train(cfg: TrainConfig, out: Path, *, overwrite: bool, progress: bool, max_
     if TRAIN_TASKS[cfg.task].loop is not None:  # a task with its own loop (arithinterp.mul4)
         return TRAIN_TASKS[cfg.task].loop(cfg, out, overwrite=overwrite, progress=progress,
                                           max_steps_this_run=max_steps_this_run)  # fmt: skip
-    ckpt_path = out / "checkpoint" / "checkpoint.pt"
-    settings_path = out / "checkpoint" / "settings.json"
-    resuming = ckpt_path.is_file()
-    if resuming:
-        saved = json.loads(settings_path.read_text())
-        if saved != asdict(cfg):
-            raise ArithInterpError(
-                f"{str(out)!r} holds a checkpoint of a run with other settings; pass the same settings to "
-                "resume, or another --out."
-            )
-    elif out.exists() and any(out.iterdir()) and not overwrite:
-        raise ArithInterpError(f"output folder {str(out)!r} is not empty; pass another --out, or --overwrite.")
+    state = open_run(out, asdict(cfg), overwrite=overwrite)
     task = TRAIN_TASKS[cfg.task]
     model = build_model(cfg, task.n_positions)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
     gen = torch.Generator().manual_seed(cfg.seed)
-    step, log, elapsed = 0, [], 0.0
-    if resuming:
-        state = torch.load(ckpt_path, weights_only=True)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        gen.set_state(state["gen"])
-        torch.set_rng_state(state["torch_rng"])
-        step, log, elapsed = state["step"], state["log"], state["elapsed"]
-    else:
-        atomic_write_json(settings_path, asdict(cfg))
+    parts = {"model": model, "opt": opt}
+    step, log, elapsed = restore_checkpoint(state, parts, gen) if state is not None else (0, [], 0.0)
     sample = task.sampler(cfg)
     model.train()
     t0 = time.time() - elapsed
@@ -394,10 +413,10 @@ def _train(cfg: TrainConfig, out: Path, *, overwrite: bool, progress: bool, max_
             log.append(entry)
             bar.set_postfix(loss=entry["loss"], **{k: v for k, v in entry.items() if k == "exact_match"})
         if step % cfg.checkpoint_every == 0 and step < cfg.steps:
-            _save_checkpoint(ckpt_path, model, opt, step, gen, log, time.time() - t0)
+            save_checkpoint(out, parts, step=step, gen=gen, log=log, elapsed=time.time() - t0)
     bar.close()
     if step < cfg.steps:
-        _save_checkpoint(ckpt_path, model, opt, step, gen, log, time.time() - t0)
+        save_checkpoint(out, parts, step=step, gen=gen, log=log, elapsed=time.time() - t0)
         return {"finished": False, "step": step}
     model.eval()
     final = task.evaluate(model, cfg)

@@ -20,12 +20,12 @@ from arithinterp.finetune import (
     finetune,
     kv_groups,
     layout,
-    load_hf,
     parse_transfer,
     random_components,
     read_circuit,
     selection_masks,
 )
+from arithinterp.models import load_hf
 from arithinterp.patching import Component
 from arithinterp.tasks import TaskConfig
 from arithinterp.tokenizer import VOCAB

@@ -109,13 +109,15 @@ def test_dataset_of_task_mul4(char_tokenizer):
 def test_stage_schedule():
     s = mul4.SCHEDULES["mul4-icot"]
     assert s.removals == [0, 8, 16, 24, 32, 40, 44]
-    assert [s.stage_at(t) for t in (0, 1999, 2000, 11_999, 12_000, 19_999)] == [0, 0, 1, 5, 6, 6]
+    assert [s.stage_at(t) for t in (0, 2999, 3000, 17_999, 18_000, 35_999)] == [0, 0, 1, 5, 6, 6]
     assert mul4.SCHEDULES["mul4-sft"].removals == [44] and mul4.SCHEDULES["mul4-aux"].aux_weight > 0
     assert all(TRAIN_TASKS[t].loop is not None for t in mul4.TASKS)
-    assert mul4.TRAIN_DEFAULTS == TRAIN_TASKS["mul4-icot"].defaults
+    steps = {t: TRAIN_TASKS[t].defaults["steps"] for t in mul4.TASKS}
+    assert steps == {"mul4-icot": 36_000, "mul4-sft": 30_000, "mul4-aux": 30_000}  # sft and aux: same budget
+    assert all(TRAIN_TASKS[t].defaults == mul4.TRAIN_DEFAULTS | {"steps": steps[t]} for t in mul4.TASKS)
     cfg = dataclasses.replace(default_config("mul4-icot"), warmup=10)
-    assert mul4._lr(cfg, s, 2000) == pytest.approx(cfg.lr / 10)  # warm-up restarts with the fresh optimiser
-    assert mul4._lr(cfg, s, 2010) == pytest.approx(cfg.lr)
+    assert mul4._lr(cfg, s, 3000) == pytest.approx(cfg.lr / 10)  # warm-up restarts with the fresh optimiser
+    assert mul4._lr(cfg, s, 3010) == pytest.approx(cfg.lr)
     with pytest.raises(ArithInterpError, match="remove_per_stage=45"):
         mul4.Mul4Schedule(remove_per_stage=45)
 
