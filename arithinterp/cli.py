@@ -11,20 +11,23 @@ import functools
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence, get_args
 
 import click
 
 from arithinterp._errors import ArithInterpError
 from arithinterp._io import atomic_write_json, check_out_dir, prepare_out_dir
 from arithinterp.circuit import DIRECTIONS, SELECT_HOW
+from arithinterp.finetune import GradScale, Optimizer
 from arithinterp.localize import ABLATIONS, BASELINES, POSITIONS, SCORE_METHODS
 from arithinterp.metrics import METRICS
 from arithinterp.models import DEFAULT_MODEL
 from arithinterp.patching import CLI_GRANULARITIES as PATCH_GRANULARITIES
 from arithinterp.patching import DIRECTIONS as PATCH_DIRECTIONS
-from arithinterp.patching import PATCH_METHODS
-from arithinterp.tasks import COUNTERFACTUALS, STYLES, TASKS
+from arithinterp.patching import PATCH_METHODS, Engine
+from arithinterp.probes import Control, Estimator, ProbeKind
+from arithinterp.store import DTYPES
+from arithinterp.tasks import COUNTERFACTUALS, OPS, STYLES, TASKS
 
 
 def _version() -> str:
@@ -42,6 +45,12 @@ def model_option(f):
         "--model", "model_spec", default=DEFAULT_MODEL, show_default=True,
         help="Built-in name (see `arithinterp models`), a local Hugging Face folder, or a hub name.",
     )(f)  # fmt: skip
+
+
+def choice(*decls: str, choices: Sequence[str], default: str | None, help: str | None = None):
+    """An option whose values come from a library registry or Literal type, never from a list typed here."""
+    return click.option(*decls, default=default, show_default=default is not None, type=click.Choice(list(choices)),
+                        help=help)  # fmt: skip
 
 
 def task_options(f):
@@ -146,23 +155,18 @@ def models() -> None:
 @cli.command()
 @model_option
 @task_options
-@click.option("--metric", default="logit_diff", show_default=True, type=click.Choice(METRICS))
-@click.option("--engine", default="auto", show_default=True, type=click.Choice(["auto", "fast", "transformer-lens"]))
-@click.option(
+@choice("--metric", choices=METRICS, default="logit_diff")
+@choice("--engine", choices=get_args(Engine), default="auto")
+@choice(
     "--method",
+    choices=PATCH_METHODS,
     default="activation",
-    show_default=True,
-    type=click.Choice(PATCH_METHODS),
     help="Exact activation patching, path patching, or attribution patching (AtP; EAP-IG).",
 )
-@click.option(
-    "--granularity",
-    default=None,
-    type=click.Choice(PATCH_GRANULARITIES),
-    help="What is patched. activation: components (heads' z and MLP outputs; default), heads, head_q, "
-    "head_k, head_v, head_pattern, attn_out, mlp_out, resid_pre, resid_mid, resid_post. "
-    "attribution/eap-ig: components (nodes) or edge (default for eap-ig).",
-)
+@choice("--granularity", choices=PATCH_GRANULARITIES, default=None,
+        help="What is patched. activation: components (heads' z and MLP outputs; default), heads, head_q, "
+             "head_k, head_v, head_pattern, attn_out, mlp_out, resid_pre, resid_mid, resid_post. "
+             "attribution/eap-ig: components (nodes) or edge (default for eap-ig).")  # fmt: skip
 @click.option(
     "--position",
     default="final",
@@ -170,11 +174,10 @@ def models() -> None:
     help="Where to patch: final, each (a sweep over positions), all (all at once) or a token index. "
     "Path patching always patches a sender's write at every position.",
 )
-@click.option(
+@choice(
     "--direction",
+    choices=PATCH_DIRECTIONS,
     default="denoising",
-    show_default=True,
-    type=click.Choice(PATCH_DIRECTIONS),
     help="denoising: clean activations into the corrupted run; noising: the reverse.",
 )
 @click.option("--senders", default=None, help="Path patching: comma-separated senders (default: every head and MLP).")
@@ -474,18 +477,12 @@ def attribute(model_spec, task, n, seed, style, counterfactual, digits, operand_
     type=click.Path(dir_okay=False),
     help="circuit.json from `arithinterp localize`: the heads (and MLPs) to train.",
 )
-@click.option(
-    "--task",
-    default="add",
-    show_default=True,
-    type=click.Choice(["add", "sub", "mul", "div"]),
-    help="Arithmetic task to fine-tune on.",
-)
+@choice("--task", choices=tuple(OPS), default="add", help="Arithmetic task to fine-tune on.")
 @click.option("--digits", default=2, show_default=True, type=int, help="Operand digits (digit style).")
-@click.option(
+@choice(
     "--style",
+    choices=STYLES,
     default=None,
-    type=click.Choice(STYLES),
     help="Prompt template; default: digits for built-in models, equation otherwise.",
 )
 @click.option("--range", "operand_range", default=None, type=(int, int), help="Operand range LO HI (inclusive).")
@@ -507,7 +504,7 @@ def attribute(model_spec, task, n, seed, style, counterfactual, digits, operand_
 @click.option("--batch-size", default=32, show_default=True, type=int)
 @click.option("--n-train", default=4000, show_default=True, type=int, help="Training problems.")
 @click.option("--n-eval", default=300, show_default=True, type=int, help="Held-out problems per distribution.")
-@click.option("--optimizer", default="adam", show_default=True, type=click.Choice(["adam", "sgd"]))
+@choice("--optimizer", choices=get_args(Optimizer), default="adam")
 @click.option(
     "--weight-decay",
     default=0.0,
@@ -515,11 +512,10 @@ def attribute(model_spec, task, n, seed, style, counterfactual, digits, operand_
     type=float,
     help="Decoupled weight decay on the trained entries only.",
 )
-@click.option(
+@choice(
     "--grad-scale",
+    choices=get_args(GradScale),
     default="none",
-    show_default=True,
-    type=click.Choice(["none", "heads"]),
     help="heads: multiply the selection's gradients by total heads / selected heads.",
 )
 @click.option("--with-mlps/--heads-only", default=True, show_default=True, help="Train the circuit's MLPs too.")
@@ -597,55 +593,44 @@ def train(task, out, steps, seed, overwrite) -> None:
 @cli.command()
 @model_option
 @task_options
-@click.option(
+@choice(
     "--method",
+    choices=sorted(SCORE_METHODS),
     default="activation",
-    show_default=True,
-    type=click.Choice(sorted(SCORE_METHODS)),
     help="How components are scored: activation patching, or single-component knockouts.",
 )
-@click.option("--metric", default="logit_diff", show_default=True, type=click.Choice(METRICS))
-@click.option(
+@choice("--metric", choices=METRICS, default="logit_diff")
+@choice(
     "--select",
     "select_how",
+    choices=SELECT_HOW,
     default="faithfulness",
-    show_default=True,
-    type=click.Choice(SELECT_HOW),
     help="top-k (--k), threshold (--threshold, --direction) or the smallest set reaching --target.",
 )
 @click.option("--k", default=5, show_default=True, type=int, help="Circuit size for --select top-k.")
 @click.option(
     "--threshold", default=0.05, show_default=True, type=float, help="Score threshold for --select threshold."
 )
-@click.option(
+@choice(
     "--direction",
+    choices=DIRECTIONS,
     default="abs",
-    show_default=True,
-    type=click.Choice(DIRECTIONS),
     help="Threshold on |score| (abs), score >= t (above) or score <= t (below; knockout drops).",
 )
 @click.option("--target", default=0.9, show_default=True, type=float, help="Faithfulness for --select faithfulness.")
-@click.option(
+@choice(
     "--ablation",
+    choices=ABLATIONS,
     default="mean",
-    show_default=True,
-    type=click.Choice(ABLATIONS),
     help="How removed components are replaced: mean over the prompts, counterfactual run, or zero.",
 )
-@click.option(
+@choice(
     "--baseline",
+    choices=BASELINES,
     default="ablated",
-    show_default=True,
-    type=click.Choice(BASELINES),
     help="Faithfulness 0 point: every component ablated, or the corrupted run.",
 )
-@click.option(
-    "--positions",
-    default="all",
-    show_default=True,
-    type=click.Choice(POSITIONS),
-    help="Ablate at every position or only at the final one.",
-)
+@choice("--positions", choices=POSITIONS, default="all", help="Ablate at every position or only at the final one.")
 @click.option(
     "--n-random", default=100, show_default=True, type=int, help="Random same-size sets for the knockout test."
 )
@@ -768,7 +753,7 @@ def _hook_patterns(hooks: tuple[str, ...]) -> tuple[str, ...]:
               help="Hook points to store, repeatable or comma-separated, fnmatch patterns allowed "
                    "(default: blocks.0.hook_resid_pre and blocks.*.hook_resid_post).")  # fmt: skip
 @_positions_option
-@click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "float16", "bfloat16"]))
+@choice("--dtype", choices=tuple(DTYPES), default="float32")
 @click.option("--batch-size", default=512, show_default=True, type=int)
 @click.option("--shard-size", default=8192, show_default=True, type=int, help="Examples per shard file.")
 @click.option("--stream", is_flag=True, help="Generate the prompts lazily in chunks (memory independent of --n).")
@@ -839,20 +824,18 @@ def store(model_spec, task, n, seed, style, counterfactual, digits, operand_rang
     type=click.Path(file_okay=False),
     help="Probe an existing activation store instead of running the model (its model and task are used).",
 )
-@click.option("--kind", default="auto", show_default=True, type=click.Choice(["auto", "classification", "regression"]))
-@click.option(
+@choice("--kind", choices=get_args(ProbeKind), default="auto")
+@choice(
     "--estimator",
+    choices=get_args(Estimator),
     default="logistic",
-    show_default=True,
-    type=click.Choice(["logistic", "ridge"]),
     help="Classifier: logistic regression, or a least-squares ridge classifier (faster).",
 )
 @click.option("--folds", default=5, show_default=True, type=int, help="Cross-validation folds (split by example).")
-@click.option(
+@choice(
     "--control",
+    choices=get_args(Control),
     default="shuffle",
-    show_default=True,
-    type=click.Choice(["shuffle", "random", "both"]),
     help="Control probe: shuffled labels, random features, or both.",
 )
 @click.option("--max-examples", default=2000, show_default=True, type=int, help="Examples used per probe.")

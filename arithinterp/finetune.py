@@ -42,7 +42,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +59,8 @@ from arithinterp.tasks import OPS, STYLES, TaskConfig, make_dataset
 from arithinterp.tokenizer import is_char_tokenizer
 
 ARMS = ("selective", "full", "random", "lora")
+Optimizer = Literal["adam", "sgd"]
+GradScale = Literal["none", "heads"]
 BASELINES = ARMS[1:]
 EVAL_SEED = -1  # evaluation problems are the same for every seed and arm (training seeds are >= 0); disjoint
 
@@ -75,9 +77,9 @@ class FinetuneConfig:
     batch_size: int = 32
     lr: float = 3e-4
     lr_by_arm: tuple[tuple[str, float], ...] = ()  # per-arm learning rates, e.g. (("full", 3e-4),); others: lr
-    optimizer: Literal["adam", "sgd"] = "adam"
+    optimizer: Optimizer = "adam"
     weight_decay: float = 0.0  # decoupled, applied to the trainable entries only
-    grad_scale: Literal["none", "heads"] = "none"  # heads: x (total heads / selected heads), see _grad_factor
+    grad_scale: GradScale = "none"  # heads: x (total heads / selected heads), see _grad_factor
     max_grad_norm: float = 1.0  # 0 disables clipping
     include_mlps: bool = True  # train the circuit's MLPs too (False: its heads only)
     baselines: tuple[str, ...] = BASELINES
@@ -98,9 +100,9 @@ class FinetuneConfig:
             raise ArithInterpError(f"lr={self.lr} must be > 0 (e.g. --lr 1e-3).")
         if self.weight_decay < 0 or self.max_grad_norm < 0:
             raise ArithInterpError("weight_decay and max_grad_norm must be >= 0.")
-        if self.optimizer not in ("adam", "sgd"):
+        if self.optimizer not in get_args(Optimizer):
             raise ArithInterpError(f"optimizer {self.optimizer!r} is unknown; choose adam or sgd.")
-        if self.grad_scale not in ("none", "heads"):
+        if self.grad_scale not in get_args(GradScale):
             raise ArithInterpError(f"grad_scale {self.grad_scale!r} is unknown; choose none or heads.")
         for arm, lr in self.lr_by_arm:
             if arm not in ARMS or not lr > 0:

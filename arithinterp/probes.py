@@ -33,7 +33,7 @@ from __future__ import annotations
 import re
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, Sequence, get_args
 
 import numpy as np
 import torch
@@ -46,14 +46,16 @@ MAX_CLASSES = 20
 #: Frequencies k of cos/sin(2πkn/10) in the Fourier digit basis: periods 10, 5 and 2 (k = 5 is (-1)^n).
 FOURIER_FREQUENCIES = (1, 2, 5)
 Control = Literal["shuffle", "random", "both"]
+ProbeKind = Literal["auto", "classification", "regression"]
+Estimator = Literal["logistic", "ridge"]
 
 
 @dataclass(frozen=True, kw_only=True)
 class ProbeConfig:
     """How probes are fitted and checked."""
 
-    kind: Literal["auto", "classification", "regression"] = "auto"  # auto: integers with <= 20 values classify
-    estimator: Literal["logistic", "ridge"] = "logistic"  # classifier; "ridge" (least squares) is ~10x faster
+    kind: ProbeKind = "auto"  # auto: integers with <= 20 values classify
+    estimator: Estimator = "logistic"  # classifier; "ridge" (least squares) is ~10x faster
     folds: int = 5  # K of the K-fold cross-validation over examples
     control: Control = "shuffle"  # shuffled labels, random features, or both
     max_examples: int | None = 2000  # a fixed random subset keeps each fit fast; None uses every example
@@ -61,16 +63,16 @@ class ProbeConfig:
     seed: int = 0  # folds, shuffles, random features and the subset
 
     def __post_init__(self) -> None:
-        if self.kind not in ("auto", "classification", "regression"):
+        if self.kind not in get_args(ProbeKind):
             raise ArithInterpError(f"kind={self.kind!r} must be auto, classification or regression.")
         if self.folds < 2:
             raise ArithInterpError(f"folds={self.folds} must be >= 2 for held-out scores.")
-        if self.control not in ("shuffle", "random", "both"):
+        if self.control not in get_args(Control):
             raise ArithInterpError(f"control={self.control!r} must be shuffle, random or both.")
         if self.max_examples is not None and self.max_examples < 2 * self.folds:
             raise ArithInterpError(f"max_examples={self.max_examples} leaves too few examples for {self.folds} "
                                    "folds; pass a larger number or None.")  # fmt: skip
-        if self.estimator not in ("logistic", "ridge"):
+        if self.estimator not in get_args(Estimator):
             raise ArithInterpError(f"estimator={self.estimator!r} must be logistic or ridge.")
         if not self.regularization > 0:
             raise ArithInterpError(f"regularization={self.regularization} must be > 0.")
