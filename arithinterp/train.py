@@ -257,7 +257,7 @@ TRAIN_TASKS: dict[str, TrainTask] = {
         n_positions=64,
         description="3-digit addition plus reversing lowercase strings of 3-8 letters (abc>cba), digit-level",
         # 6,000 steps: ~20 minutes on one core, 100% held-out on both tasks. At 3,000 steps this code reaches only
-        # 11.6% on addition (the shipped tiny-mixed, 100% at 3,000 steps, came from an earlier sampler).
+        # 11.6% on addition (the shipped tiny-mixed, 100% at 3,000 steps, came from an uncommitted code state).
         defaults={"steps": 6000},
     ),
 }
