@@ -107,6 +107,15 @@ def build_dataset(model, *, only_correct: bool, **task_options):
     return dataset
 
 
+def model_and_dataset(model_spec: str, *, only_correct: bool, **task_options):
+    """Check the task options (before the slow model load), then load the model and build its dataset."""
+    from arithinterp.models import load
+
+    task_config(**task_options)
+    model = load(model_spec)
+    return model, build_dataset(model, only_correct=only_correct, **task_options)
+
+
 def result_header(*, model_spec: str, task: str, method: str, metric: str, dataset, seed: int) -> dict[str, Any]:
     """The fields every result JSON starts with, so a result can be reproduced."""
     return {
@@ -205,20 +214,16 @@ def patch(model_spec, task, n, seed, style, counterfactual, digits, operand_rang
           metric, engine, method, granularity, position, direction, senders, receivers, iterative, threshold,
           ig_steps, compare_exact, top, out, overwrite) -> None:  # fmt: skip
     """Activation, path or attribution patching; by default every head output and MLP output at the final position."""
-    from arithinterp.models import load
     from arithinterp.patching import patch_components
     from arithinterp.plots import patching_heatmap, write_html
 
     default = (method == "activation" and granularity in (None, "components") and position == "final"
                and direction == "denoising")  # fmt: skip
     out_dir = check_out_dir(out or default_out("patch", model_spec, task), overwrite=overwrite)
-    task_config(task=task, n=n, seed=seed, style=style, counterfactual=counterfactual, digits=digits,
-                operand_range=operand_range, answer_token=answer_token)  # fmt: skip
     t0 = time.time()
-    model = load(model_spec)
-    dataset = build_dataset(model, task=task, n=n, seed=seed, style=style, counterfactual=counterfactual,
-                            digits=digits, operand_range=operand_range, answer_token=answer_token,
-                            only_correct=only_correct)  # fmt: skip
+    model, dataset = model_and_dataset(model_spec, only_correct=only_correct, task=task, n=n, seed=seed, style=style,
+                                       counterfactual=counterfactual, digits=digits, operand_range=operand_range,
+                                       answer_token=answer_token)  # fmt: skip
     if not default:
         report = _patch_report(model, dataset, method=method, granularity=granularity, position=position,
                                direction=direction, senders=senders, receivers=receivers, iterative=iterative,
@@ -403,18 +408,14 @@ def attribute(model_spec, task, n, seed, style, counterfactual, digits, operand_
     from arithinterp import plots
     from arithinterp.attribution import AttributeConfig
     from arithinterp.attribution import attribute as run_attribute
-    from arithinterp.models import load
 
     config = AttributeConfig(fourier=fourier, filters=tuple(filters), neurons=neurons,
                              compare_patching=compare_patching, max_numbers=max_numbers)  # fmt: skip
     out_dir = check_out_dir(out or default_out("attribute", model_spec, task), overwrite=overwrite)
-    task_config(task=task, n=n, seed=seed, style=style, counterfactual=counterfactual, digits=digits,
-                operand_range=operand_range, answer_token=answer_token)  # fmt: skip
     t0 = time.time()
-    model = load(model_spec)
-    dataset = build_dataset(model, task=task, n=n, seed=seed, style=style, counterfactual=counterfactual,
-                            digits=digits, operand_range=operand_range, answer_token=answer_token,
-                            only_correct=only_correct)  # fmt: skip
+    model, dataset = model_and_dataset(model_spec, only_correct=only_correct, task=task, n=n, seed=seed, style=style,
+                                       counterfactual=counterfactual, digits=digits, operand_range=operand_range,
+                                       answer_token=answer_token)  # fmt: skip
     report = run_attribute(model, dataset, config)
     body = report.record()
     record = result_header(model_spec=model_spec, task=task, method="direct_logit_attribution",
@@ -879,9 +880,7 @@ def probe(model_spec, task, n, seed, style, counterfactual, digits, operand_rang
     else:
         opts = dict(task=task, n=n, seed=seed, style=style, counterfactual=counterfactual, digits=digits,
                     operand_range=operand_range, answer_token=answer_token)  # fmt: skip
-        task_config(**opts)
-        model = load(model_spec)
-        dataset = build_dataset(model, only_correct=only_correct, **opts)
+        model, dataset = model_and_dataset(model_spec, only_correct=only_correct, **opts)
         target_values(dataset, target)
         acts = collect(model, dataset, StoreConfig(hooks=_hook_patterns(hooks), positions=positions))
         positions = None
