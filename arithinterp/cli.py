@@ -578,8 +578,9 @@ def finetune(model_spec, circuit_path, task, digits, style, operand_range, trans
 @click.option("--steps", default=None, type=int, help="Training steps (default: the task's).")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--overwrite", is_flag=True, help="Allow a non-empty --out (an unfinished run there resumes anyway).")
+@click.option("--device", default="cpu", show_default=True, help="Where the steps run: cpu, cuda or cuda:N.")
 @user_errors
-def train(task, out, steps, seed, overwrite) -> None:
+def train(task, out, steps, seed, overwrite, device) -> None:
     """Train a built-in model from scratch (resumes from the checkpoint in --out if there is one)."""
     from arithinterp.train import TrainConfig, default_config
     from arithinterp.train import train as run_train
@@ -587,7 +588,7 @@ def train(task, out, steps, seed, overwrite) -> None:
     cfg = default_config(task)
     overrides = {"seed": seed} | ({"steps": steps} if steps is not None else {})
     cfg = TrainConfig(**{**cfg.__dict__, **overrides})
-    summary = run_train(cfg, out, overwrite=overwrite)
+    summary = run_train(cfg, out, overwrite=overwrite, device=device)
     click.echo(f"held-out: {summary['held_out']}; train time {summary['train_time_s']} s; wrote {out}")
 
 

@@ -190,7 +190,7 @@ class Mul4Schedule:
     """What differs between the three multiplication tasks (model size and optimiser live in TrainConfig)."""
 
     remove_per_stage: int = 8  # chain-of-thought tokens removed per internalization stage (0: no-cot throughout)
-    steps_per_stage: int = 3000  # steps of every stage but the last (which gets the remaining steps)
+    steps_per_stage: int = 3500  # steps of every stage but the last (which gets the remaining steps)
     smoothing: float = 4.0  # removal smoothing (Deng et al.): extra removed tokens o ~ exp(-smoothing·o); 0 = off
     aux_weight: float = 0.0  # weight of the running-sum regression loss (mul4-aux)
     aux_scale: float = 10.0  # the head regresses ĉ_k / aux_scale
@@ -225,8 +225,10 @@ SCHEDULES: dict[str, Mul4Schedule] = {
     "mul4-aux": Mul4Schedule(remove_per_stage=0, smoothing=0.0, aux_weight=20.0),
 }
 
-#: TrainConfig fields of the three tasks: 2 layers and 4 heads as in Bai et al., width 128 instead of 768 so that
-#: training fits on two CPU cores. Defined in arithinterp.train (its registry needs them without importing this).
+#: TrainConfig fields of the three tasks: 2 layers and 4 heads as in Bai et al., width 256 instead of 768 (a model
+#: of 6 MB), batch 512. Sized for one GPU: the three built-ins trained side by side in 12 minutes on an H100
+#: (`benchmarks/mul4_train_device.py`); on CPU the same run is resumable but takes hours. Defined in
+#: arithinterp.train (its registry needs them without importing this module).
 TRAIN_DEFAULTS: dict[str, Any] = _MUL4_DEFAULTS
 N_POSITIONS = PREFIX + COT_LEN + 1 + N_OUT + 1  # the longest sequence (explicit CoT): 65 tokens
 N_POSITIONS_MODEL = 72  # the models' position table: N_POSITIONS rounded up
@@ -249,10 +251,13 @@ def evaluate(model, seed: int, n: int, removed: int = COT_LEN, batch_size: int =
     full = encode(a, b, removed)
     first = PREFIX  # index of the first target token
     hits = []
+    from arithinterp.train import model_device
+
+    device = model_device(model)
     for i in range(0, n, batch_size):
-        seq = full[i : i + batch_size]
+        seq = full[i : i + batch_size].to(device)
         pred = model(seq[:, :-1]).logits.argmax(-1)
-        hits.append(pred[:, first - 1 :] == seq[:, first:])
+        hits.append((pred[:, first - 1 :] == seq[:, first:]).cpu())
     hit = torch.cat(hits)  # (n, target + eos)
     ans = hit[:, -(N_OUT + 1) : -1]  # the 8 output digits
     return {"exact_match": hit[:, :-1].all(1).float().mean().item(),
@@ -345,24 +350,36 @@ def _smoothed_removal(sched: Mul4Schedule, base: int, g: torch.Generator) -> int
 
 
 def train_mul4(cfg, out: str | Path, *, overwrite: bool = False, progress: bool = True,
-               max_steps_this_run: int | None = None, max_seconds: float | None = None) -> dict:  # fmt: skip
+               max_steps_this_run: int | None = None, max_seconds: float | None = None,
+               device: str | torch.device | None = None) -> dict:  # fmt: skip
     """Train (or resume) one of the multiplication models into `out` (see the module docstring).
 
     `cfg` is an `arithinterp.train.TrainConfig` with `task` in TASKS. A checkpoint (model, optimiser, aux head,
     step, random state, log) is written atomically every `cfg.checkpoint_every` steps into `<out>/checkpoint/`;
     calling again with the same settings resumes. `max_steps_this_run` / `max_seconds` stop early with the
-    checkpoint saved. Finished: a Hugging Face folder, `training_log.jsonl`, `arithinterp.json` (held-out
-    exact match and digit accuracy on `cfg.n_test` problems, training time), and for mul4-aux `aux_heads.safetensors`.
+    checkpoint saved. `device` (default cpu) is where the steps run; batches are drawn on the CPU, so a run
+    resumes on another device with the same data. Finished: a Hugging Face folder, `training_log.jsonl`,
+    `arithinterp.json` (held-out exact match and digit accuracy on `cfg.n_test` problems, training time, device),
+    and for mul4-aux `aux_heads.safetensors`.
     """
-    from arithinterp.train import build_model, finish_run, open_run, restore_checkpoint, save_checkpoint
+    from arithinterp.train import (
+        build_model,
+        device_name,
+        finish_run,
+        open_run,
+        resolve_device,
+        restore_checkpoint,
+        save_checkpoint,
+    )
 
     if cfg.task not in SCHEDULES:
         raise ArithInterpError(f"task {cfg.task!r} is not a multiplication task; choose one of: {', '.join(TASKS)}.")
     sched = SCHEDULES[cfg.task]
     out = Path(out)
     state = open_run(out, {"train_config": asdict(cfg), "schedule": asdict(sched)}, overwrite=overwrite)
-    model = build_model(cfg, N_POSITIONS_MODEL)
-    aux = AuxHeads(cfg.d_model) if sched.aux_weight > 0 else None
+    device = device if isinstance(device, torch.device) else resolve_device(device)
+    model = build_model(cfg, N_POSITIONS_MODEL).to(device)
+    aux = AuxHeads(cfg.d_model).to(device) if sched.aux_weight > 0 else None
     params = list(model.parameters()) + (list(aux.parameters()) if aux is not None else [])
     opt = _optimizer(cfg, params)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -385,7 +402,7 @@ def train_mul4(cfg, out: str | Path, *, overwrite: bool = False, progress: bool 
             opt = _optimizer(cfg, params)  # a fresh optimiser for every stage (Deng et al.)
         removed = _smoothed_removal(sched, sched.removals[stage], gen)
         a, b = sampler(cfg.batch_size, gen)
-        seq = encode(a, b, removed)
+        seq = encode(a, b, removed).to(device)
         for group in opt.param_groups:
             group["lr"] = _lr(cfg, sched, step)
         logits = model(seq[:, :-1]).logits
@@ -395,7 +412,7 @@ def train_mul4(cfg, out: str | Path, *, overwrite: bool = False, progress: bool 
         aux_loss = None
         if aux is not None:
             pred = aux(box["attn_out"])
-            aux_loss = F.mse_loss(pred, running_sums(a, b) / sched.aux_scale)
+            aux_loss = F.mse_loss(pred, running_sums(a, b).to(device) / sched.aux_scale)
             loss = ce + sched.aux_weight * aux_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -429,14 +446,16 @@ def train_mul4(cfg, out: str | Path, *, overwrite: bool = False, progress: bool 
     model.eval()
     final = greedy_eval(model, cfg.seed, cfg.n_test)
     wall = time.time() - t0
+    model.cpu()
     if aux is not None:
         from safetensors.torch import save
 
-        atomic_write_bytes(out / "aux_heads.safetensors", save(aux.state_dict()))
+        atomic_write_bytes(out / "aux_heads.safetensors", save(aux.cpu().state_dict()))
     summary = {
         "name": out.name, "description": TASK_DESCRIPTIONS[cfg.task], "task": cfg.task,
         "train_config": asdict(cfg), "schedule": asdict(sched), "held_out": final, "n_test": cfg.n_test,
         "train_time_s": round(wall, 1), "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "device": device_name(device),
         "format": "<bos>a0a1a2a3*b0b1b2b3$=c0c1c2c3c4c5c6c7<eos> (all numbers least significant digit first)",
     }  # fmt: skip
     return finish_run(out, model, log, summary)
@@ -522,7 +541,7 @@ def export_checkpoint(run: str | Path, dest: str | Path, *, n_test: int | None =
     settings = json.loads((run / "checkpoint" / "settings.json").read_text())
     cfg = TrainConfig(**settings["train_config"])
     sched = Mul4Schedule(**settings["schedule"])
-    state = torch.load(ckpt, weights_only=True)
+    state = torch.load(ckpt, weights_only=True, map_location="cpu")
     model = build_model(cfg, N_POSITIONS_MODEL)
     model.load_state_dict(state["model"])
     model.eval()

@@ -115,15 +115,40 @@ def addition_batches(cfg: TrainConfig) -> Callable[[torch.Generator], tuple[Tens
 
 @torch.no_grad()
 def greedy_answers(model, prompts: Int[Tensor, "batch pos"], n_tokens: int, batch_size: int = 500) -> Tensor:
-    """Greedy continuation of `prompts` by `n_tokens` tokens (a Hugging Face causal LM)."""
+    """Greedy continuation of `prompts` by `n_tokens` tokens (a causal LM on any device); returned on the CPU."""
     outs = []
+    device = model_device(model)
     for i in range(0, prompts.shape[0], batch_size):
-        seq = prompts[i : i + batch_size]
+        seq = prompts[i : i + batch_size].to(device)
         for _ in range(n_tokens):
             nxt = model(seq).logits[:, -1].argmax(-1, keepdim=True)
             seq = torch.cat([seq, nxt], 1)
-        outs.append(seq[:, prompts.shape[1] :])
+        outs.append(seq[:, prompts.shape[1] :].cpu())
     return torch.cat(outs)
+
+
+def model_device(model) -> torch.device:
+    """The device a model's parameters are on (the CPU for a callable without parameters, such as a test oracle)."""
+    first = next(model.parameters(), None) if hasattr(model, "parameters") else None
+    return first.device if first is not None else torch.device("cpu")
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """`device` as a torch.device ("cpu" when None), with a clear error when it is not available here."""
+    if device is None:
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ArithInterpError(f"unknown device {device!r}; use cpu, cuda or cuda:N.") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ArithInterpError(f"device {device!r} asked for, but this torch sees no CUDA GPU; use --device cpu.")
+    return dev
+
+
+def device_name(dev: torch.device) -> str:
+    """What a run's summary records about where it ran."""
+    return torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
 
 
 def addition_exact_match(model, cfg: TrainConfig) -> dict[str, float]:
@@ -226,12 +251,12 @@ def mixed_exact_match(model, cfg: TrainConfig) -> dict[str, float]:
 
 #: TrainConfig of the multiplication models (kept equal to arithinterp.mul4.TRAIN_DEFAULTS; a test checks it).
 _MUL4_DEFAULTS = {
-    "digits": 4, "n_layer": 2, "n_head": 4, "d_model": 128, "d_mlp": 512, "batch_size": 64, "lr": 1e-3,
-    "warmup": 100, "weight_decay": 0.01, "eval_every": 500, "checkpoint_every": 200,
+    "digits": 4, "n_layer": 2, "n_head": 4, "d_model": 256, "d_mlp": 1024, "batch_size": 512, "lr": 1e-3,
+    "warmup": 100, "weight_decay": 0.01, "eval_every": 500, "checkpoint_every": 1000,
 }  # fmt: skip
-#: icot: six internalization stages of 3,000 steps, then 18,000 steps without chain of thought; sft and aux get
-#: the same 30,000 steps each, so that the auxiliary loss is the only difference between them.
-_MUL4_STEPS = {"mul4-icot": 36_000, "mul4-sft": 30_000, "mul4-aux": 30_000}
+#: icot: six internalization stages of 3,500 steps, then 9,000 steps without chain of thought; sft and aux get the
+#: same 30,000 steps (15.4M problems at batch 512), so the three differ only in chain of thought and auxiliary loss.
+_MUL4_STEPS = {"mul4-icot": 30_000, "mul4-sft": 30_000, "mul4-aux": 30_000}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -326,7 +351,7 @@ def open_run(out: Path, settings: dict, *, overwrite: bool) -> dict | None:
         if json.loads(settings_path.read_text()) != settings:
             raise ArithInterpError(f"{str(out)!r} holds a checkpoint of a run with other settings; pass the same "
                                    "settings to resume, or another --out.")  # fmt: skip
-        return torch.load(ckpt, weights_only=True)
+        return torch.load(ckpt, weights_only=True, map_location="cpu")  # written on any device, resumed on any
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ArithInterpError(f"output folder {str(out)!r} is not empty; pass another --out, or --overwrite.")
     atomic_write_json(settings_path, settings)
@@ -361,29 +386,35 @@ def _py_rng(saved) -> tuple:
 
 
 def train(cfg: TrainConfig, out: str | Path, *, overwrite: bool = False, progress: bool = True,
-          max_steps_this_run: int | None = None) -> dict:  # fmt: skip
+          max_steps_this_run: int | None = None, device: str | None = None) -> dict:  # fmt: skip
     """Train (or resume training) a built-in model into the folder `out`; returns the summary written there.
 
     `max_steps_this_run` stops after that many steps with the checkpoint saved (for runs that span sessions).
+    `device` ("cpu" by default, or "cuda") is where the steps run; a checkpoint written on one device resumes on
+    another. The data and its random stream are drawn on the CPU either way, so only floating-point rounding
+    differs between devices.
     """
+    dev = resolve_device(device)
     out = Path(out)
     # One thread: the same seed then gives bit-identical weights on any machine, and a training run is not
     # slowed to a crawl by thread oversubscription when other work shares the cores.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _train(cfg, out, overwrite=overwrite, progress=progress, max_steps_this_run=max_steps_this_run)
+        return _train(cfg, out, overwrite=overwrite, progress=progress, max_steps_this_run=max_steps_this_run,
+                      device=dev)  # fmt: skip
     finally:
         torch.set_num_threads(threads)
 
 
-def _train(cfg: TrainConfig, out: Path, *, overwrite: bool, progress: bool, max_steps_this_run: int | None) -> dict:
+def _train(cfg: TrainConfig, out: Path, *, overwrite: bool, progress: bool, max_steps_this_run: int | None,
+           device: torch.device) -> dict:  # fmt: skip
     if TRAIN_TASKS[cfg.task].loop is not None:  # a task with its own loop (arithinterp.mul4)
         return TRAIN_TASKS[cfg.task].loop(cfg, out, overwrite=overwrite, progress=progress,
-                                          max_steps_this_run=max_steps_this_run)  # fmt: skip
+                                          max_steps_this_run=max_steps_this_run, device=device)  # fmt: skip
     state = open_run(out, asdict(cfg), overwrite=overwrite)
     task = TRAIN_TASKS[cfg.task]
-    model = build_model(cfg, task.n_positions)
+    model = build_model(cfg, task.n_positions).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
     gen = torch.Generator().manual_seed(cfg.seed)
     parts = {"model": model, "opt": opt}
@@ -394,7 +425,7 @@ def _train(cfg: TrainConfig, out: Path, *, overwrite: bool, progress: bool, max_
     stop = cfg.steps if max_steps_this_run is None else min(cfg.steps, step + max_steps_this_run)
     bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.task}", disable=not progress)
     while step < stop:
-        seq, mask = sample(gen)
+        seq, mask = (t.to(device) for t in sample(gen))
         for group in opt.param_groups:
             group["lr"] = _lr_at(cfg, step)
         logits = model(seq[:, :-1]).logits
@@ -426,9 +457,9 @@ def _train(cfg: TrainConfig, out: Path, *, overwrite: bool, progress: bool, max_
     summary = {
         "name": out.name, "description": cfg.description or task.description, "task": cfg.task,
         "train_config": asdict(cfg), "held_out": final, "train_time_s": round(wall, 1),
-        "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "threads": torch.get_num_threads(), "torch": torch.__version__, "device": device_name(device),
     }  # fmt: skip
-    return finish_run(out, model, log, summary)
+    return finish_run(out, model.cpu(), log, summary)
 
 
 def finish_run(out: Path, model, log: list[dict], summary: dict) -> dict:

@@ -45,6 +45,7 @@ def test_patch_on_gpt2_tokenizer_folder(gpt2_tiny_dir, tmp_path):
         (["patch", "--model", "./no/such/folder"], "does not exist"),
         (["patch", "--task", "pow"], "Invalid value for '--task'"),
         (["patch", "--n", "0"], "empty dataset"),
+        (["train", "--task", "add", "--device", "gpu0"], "unknown device 'gpu0'"),
     ],
 )
 def test_errors_are_one_line(args, match, capsys, tmp_path):
@@ -67,3 +68,22 @@ def test_existing_output_is_not_overwritten(tiny_model_dir, tmp_path, capsys):
 def test_models_command(capsys):
     assert main(["models"]) == 0
     assert capsys.readouterr().out.strip()
+
+
+def test_package_imports_its_analysis_stack_lazily():
+    """`import arithinterp.mul4` (training on a bare GPU machine) needs neither transformer-lens nor plotly; the
+    names of the package still resolve on first use."""
+    import subprocess
+    import sys
+
+    code = ("import sys, arithinterp.mul4, arithinterp.train; "
+            "print(sorted(m for m in ('transformer_lens', 'plotly', 'sklearn') if m in sys.modules)); "
+            "from arithinterp import load, Circuit; import arithinterp; print(load.__module__, Circuit.__name__, "
+            "'make_dataset' in dir(arithinterp))")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[0] == "[]"
+    assert out[1] == "arithinterp.models Circuit True"
+    import arithinterp
+
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        arithinterp.nope  # noqa: B018

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -109,17 +110,29 @@ def test_dataset_of_task_mul4(char_tokenizer):
 def test_stage_schedule():
     s = mul4.SCHEDULES["mul4-icot"]
     assert s.removals == [0, 8, 16, 24, 32, 40, 44]
-    assert [s.stage_at(t) for t in (0, 2999, 3000, 17_999, 18_000, 35_999)] == [0, 0, 1, 5, 6, 6]
+    assert [s.stage_at(t) for t in (0, 3499, 3500, 20_999, 21_000, 29_999)] == [0, 0, 1, 5, 6, 6]
     assert mul4.SCHEDULES["mul4-sft"].removals == [44] and mul4.SCHEDULES["mul4-aux"].aux_weight > 0
     assert all(TRAIN_TASKS[t].loop is not None for t in mul4.TASKS)
     steps = {t: TRAIN_TASKS[t].defaults["steps"] for t in mul4.TASKS}
-    assert steps == {"mul4-icot": 36_000, "mul4-sft": 30_000, "mul4-aux": 30_000}  # sft and aux: same budget
+    assert steps == {"mul4-icot": 30_000, "mul4-sft": 30_000, "mul4-aux": 30_000}  # the same budget for all three
     assert all(TRAIN_TASKS[t].defaults == mul4.TRAIN_DEFAULTS | {"steps": steps[t]} for t in mul4.TASKS)
     cfg = dataclasses.replace(default_config("mul4-icot"), warmup=10)
-    assert mul4._lr(cfg, s, 3000) == pytest.approx(cfg.lr / 10)  # warm-up restarts with the fresh optimiser
-    assert mul4._lr(cfg, s, 3010) == pytest.approx(cfg.lr)
+    assert mul4._lr(cfg, s, 3500) == pytest.approx(cfg.lr / 10)  # warm-up restarts with the fresh optimiser
+    assert mul4._lr(cfg, s, 3510) == pytest.approx(cfg.lr)
     with pytest.raises(ArithInterpError, match="remove_per_stage=45"):
         mul4.Mul4Schedule(remove_per_stage=45)
+
+
+@pytest.mark.parametrize("task", mul4.TASKS)
+def test_shipped_models_were_trained_with_the_defaults(task):
+    """`arithinterp train --task mul4-*` reproduces the settings of the shipped built-in (its arithinterp.json)."""
+    from arithinterp.models import resolve
+
+    name = {"mul4-icot": "icot-mul4", "mul4-sft": "sft-mul4", "mul4-aux": "aux-mul4"}[task]
+    card = json.loads((Path(resolve(name)[1]) / "arithinterp.json").read_text())
+    assert card["train_config"] == dataclasses.asdict(default_config(task))
+    assert card["schedule"] == dataclasses.asdict(mul4.SCHEDULES[task])
+    assert card["held_out"]["exact_match"] >= 0 and len(card["held_out"]["digit_accuracy_per_k"]) == mul4.N_OUT
 
 
 def test_aux_heads_read_the_positions_predicting_each_digit():

@@ -48,3 +48,34 @@ def test_refuses_mismatched_resume_and_nonempty_out(tmp_path):
     (tmp_path / "x" / "a.txt").write_text("keep")
     with pytest.raises(ArithInterpError, match="not empty"):
         train(cfg, tmp_path / "x", progress=False)
+
+
+def test_device_errors_name_the_value():
+    from arithinterp.train import resolve_device
+
+    assert resolve_device(None) == torch.device("cpu")
+    with pytest.raises(ArithInterpError, match="'gpu0'"):
+        resolve_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ArithInterpError, match="sees no CUDA GPU; use --device cpu"):
+            train(TrainConfig(**SMALL), "unused-folder", progress=False, device="cuda")
+
+
+def test_summary_records_the_device(tmp_path):
+    summary = train(TrainConfig(**{**SMALL, "steps": 2}), tmp_path / "r", progress=False, device="cpu")
+    assert summary["device"] == "cpu"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_checkpoint_resumes_on_cpu(tmp_path):
+    """A run started on the GPU resumes on the CPU (checkpoints are device-free) and ends where a CPU run does,
+    up to floating-point rounding."""
+    from arithinterp.mul4 import train_mul4
+
+    cfg = TrainConfig(task="mul4-sft", **{**SMALL, "digits": 4, "n_layer": 2})
+    assert train_mul4(cfg, tmp_path / "g", progress=False, max_steps_this_run=6, device="cuda")["finished"] is False
+    mixed = train_mul4(cfg, tmp_path / "g", progress=False, device="cpu")
+    cpu = train_mul4(cfg, tmp_path / "c", progress=False, device="cpu")
+    a, b = load_file(tmp_path / "g" / "model.safetensors"), load_file(tmp_path / "c" / "model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
+    assert mixed["device"] == cpu["device"] == "cpu"
