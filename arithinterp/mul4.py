@@ -227,8 +227,9 @@ SCHEDULES: dict[str, Mul4Schedule] = {
 
 #: TrainConfig fields of the three tasks: 2 layers and 4 heads as in Bai et al., width 256 instead of 768 (a model
 #: of 6 MB), batch 512. Sized for one GPU: the three built-ins trained side by side in 12 minutes on an H100
-#: (`benchmarks/mul4_train_device.py`); on CPU the same run is resumable but takes hours. Defined in
-#: arithinterp.train (its registry needs them without importing this module).
+#: (`benchmarks/mul4_train_device.py`); on 2 CPU cores the same run is resumable but takes tens of hours (0.15
+#: steps/s with the chain of thought, 0.8 without). Defined in arithinterp.train (its registry needs them without
+#: importing this module).
 TRAIN_DEFAULTS: dict[str, Any] = _MUL4_DEFAULTS
 N_POSITIONS = PREFIX + COT_LEN + 1 + N_OUT + 1  # the longest sequence (explicit CoT): 65 tokens
 N_POSITIONS_MODEL = 72  # the models' position table: N_POSITIONS rounded up

@@ -77,5 +77,5 @@ def test_gpu_checkpoint_resumes_on_cpu(tmp_path):
     mixed = train_mul4(cfg, tmp_path / "g", progress=False, device="cpu")
     cpu = train_mul4(cfg, tmp_path / "c", progress=False, device="cpu")
     a, b = load_file(tmp_path / "g" / "model.safetensors"), load_file(tmp_path / "c" / "model.safetensors")
-    assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
+    assert all(torch.allclose(a[k], b[k], atol=5e-4) for k in a)  # a wrong data stream differs by ~1e-2
     assert mixed["device"] == cpu["device"] == "cpu"
