@@ -2,7 +2,8 @@
 
 Probes, Fourier fits and PCA views all start from the same thing: the activations of some hook points, at
 some token positions, for many examples, next to what is known about each example (operands, digits,
-carries, the answer). This module gathers them and stores them; it does not analyse them (`probes` does).
+carries, the answer). This module gathers them and stores them; it does not analyse them (`probes` does),
+and the file format's mechanics (the streaming safetensors writer, checksums, folder checks) are in `_shards`.
 
 * **Choosing.** Hook points by name or `fnmatch` pattern over the bridge's hook names
   (`"blocks.*.hook_resid_post"`), token positions by index (negative counts from the end). Every prompt of a
@@ -39,9 +40,6 @@ import difflib
 import fnmatch
 import hashlib
 import json
-import os
-import re
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -56,17 +54,22 @@ from tqdm.auto import tqdm
 
 from arithinterp._errors import ArithInterpError
 from arithinterp._io import atomic_write_bytes, atomic_write_json
+from arithinterp._shards import (  # noqa: F401 (check_store_dir is re-exported for the CLI)
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    check_store_dir,
+    prepare_store_dir,
+    sha256_file,
+    shard_names,
+    write_safetensors,
+)
 from arithinterp.tasks import Dataset, Example, TaskConfig, make_dataset
 
-FORMAT = "arithinterp-activation-store"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
 #: The residual stream entering block 0 and leaving every block: one state per layer boundary.
 RESIDUAL_HOOKS = ("blocks.0.hook_resid_pre", "blocks.*.hook_resid_post")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _QUERY_AXIS_HOOKS = ("hook_pattern", "hook_attn_scores")  # [batch, head, q_pos, k_pos]: positions on axis 2
-_SHARD_RE = re.compile(r"^shard-\d{5}\.(safetensors|examples\.jsonl)$")
-_TMP_RE = re.compile(r"^\.(shard-\d{5}\.(safetensors|examples\.jsonl)|manifest\.json)\..*\.tmp$")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -387,7 +390,7 @@ def write_store(
     config = config or StoreConfig()
     out = Path(out)
     plan = _plan(model, source, config)
-    done = _prepare(out, plan, overwrite=overwrite)
+    done = prepare_store_dir(out, plan, overwrite=overwrite)
     manifest = {**plan, "shards": done}
     n = len(source)
     bounds = [(s, min(s + config.shard_size, n)) for s in range(0, n, config.shard_size)]
@@ -429,134 +432,14 @@ def write_store(
     return ActivationStore.open(out)
 
 
-def _shard_names(index: int) -> tuple[str, str]:
-    return f"shard-{index:05d}.safetensors", f"shard-{index:05d}.examples.jsonl"
-
-
 def _write_shard(out: Path, index: int, start: int, stop: int, tensors: dict[str, Tensor], ds: Dataset):
-    tensor_file, examples_file = _shard_names(index)
-    nbytes, digest = _write_safetensors(out / tensor_file, tensors, metadata={"examples": f"{start}:{stop}"})
+    tensor_file, examples_file = shard_names(index)
+    nbytes, digest = write_safetensors(out / tensor_file, tensors, metadata={"examples": f"{start}:{stop}"})
     lines = "".join(json.dumps(_example_record(start + i, e)) + "\n" for i, e in enumerate(ds.examples))
     text = lines.encode("utf-8")
     atomic_write_bytes(out / examples_file, text)
     return {"file": tensor_file, "start": start, "stop": stop, "bytes": nbytes, "sha256": digest,
             "examples_file": examples_file, "examples_sha256": hashlib.sha256(text).hexdigest()}  # fmt: skip
-
-
-_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64"}
-#: safetensors lays tensors out by dtype (in this enum order, last first), then by name
-_ST_RANK = {d: i for i, d in enumerate("BOOL U8 I8 F8_E5M2 F8_E4M3 I16 U16 F16 BF16 I32 U32 F32 F64 I64 U64".split())}
-
-
-def _write_safetensors(path: Path, tensors: dict[str, Tensor], *, metadata: dict[str, str]) -> tuple[int, str]:
-    """Write `tensors` in the safetensors format, atomically, hashing as it writes; returns (bytes, sha256).
-
-    Byte for byte the file `safetensors.torch.save_file` writes, but streamed from the tensors' memory: no
-    second in-memory copy of a shard is made, and the checksum costs no extra pass.
-    `metadata` must have at most one key, so that the header is byte-for-byte reproducible.
-    """
-    header: dict[str, Any] = {"__metadata__": metadata}
-    views, offset = [], 0
-    for name in sorted(tensors, key=lambda k: (-_ST_RANK[_ST_DTYPES[tensors[k].dtype]], k)):
-        t = tensors[name].detach().cpu().contiguous()
-        raw = t.reshape(-1).view(torch.uint8).numpy()  # (bytes,) view of the tensor's memory
-        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape),
-                        "data_offsets": [offset, offset + raw.size]}  # fmt: skip
-        views.append(raw)
-        offset += raw.size
-    head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)
-    digest = hashlib.sha256()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for chunk in (len(head).to_bytes(8, "little"), head, *views):
-                digest.update(chunk)
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return 8 + len(head) + offset, digest.hexdigest()
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _shard_ok(out: Path, record: dict[str, Any]) -> bool:
-    for name, digest in ((record["file"], record["sha256"]), (record["examples_file"], record["examples_sha256"])):
-        if not (out / name).is_file() or _sha256_file(out / name) != digest:
-            return False
-    return True
-
-
-_PLAN_KEYS_IGNORED = {"complete", "shards", "version"}
-
-
-def _prepare(out: Path, plan: dict[str, Any], *, overwrite: bool) -> list[dict[str, Any]]:
-    """Make `out` ready for `plan`; returns the shard records that are already written and intact."""
-    if out.exists() and not out.is_dir():
-        raise ArithInterpError(f"store folder {str(out)!r} is a file; pass a folder path.")
-    out.mkdir(parents=True, exist_ok=True)
-    manifest_path = out / MANIFEST
-    old = None
-    if manifest_path.is_file():
-        try:
-            old = json.loads(manifest_path.read_text())
-        except ValueError:
-            old = None
-    if old is not None and old.get("format") == FORMAT:
-        differs = sorted(k for k in set(plan) | set(old) if k not in _PLAN_KEYS_IGNORED and plan.get(k) != old.get(k))
-        if not differs:
-            kept = []
-            for record in old.get("shards", []):
-                if not _shard_ok(out, record):
-                    break
-                kept.append(record)
-            _remove_strays(out, keep={r[k] for r in kept for k in ("file", "examples_file")})
-            return kept
-        if not overwrite:
-            raise ArithInterpError(f"folder {str(out)!r} holds a store made with other settings (differs "
-                                   f"in: {', '.join(differs)}); pass another --out, or --overwrite to replace "
-                                   "it.")  # fmt: skip
-    elif any(out.iterdir()) and not overwrite:
-        raise ArithInterpError(f"folder {str(out)!r} is not empty and holds no activation store; pass another "
-                               "--out, or --overwrite to write the store into it.")  # fmt: skip
-    _remove_strays(out, keep=set())
-    if manifest_path.is_file():
-        manifest_path.unlink()
-    return []
-
-
-def check_store_dir(out: str | Path, *, overwrite: bool = False) -> Path:
-    """Refuse, before any slow work, a folder that `write_store` would refuse; creates nothing.
-
-    Accepted: a missing or empty folder, or one holding an activation store (resumed, returned or, with
-    different settings, refused later by `write_store` unless `overwrite`).
-    """
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ArithInterpError(f"--out {str(out)!r} is a file, not a folder; pass a folder path.")
-    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file() and not overwrite:
-        raise ArithInterpError(f"folder {str(out)!r} is not empty and holds no activation store; pass another "
-                               "--out, or --overwrite to write the store into it.")  # fmt: skip
-    return out
-
-
-def _remove_strays(out: Path, keep: set[str]) -> None:
-    """Delete shard files not in `keep` and temporary files of interrupted writes (store files only)."""
-    for p in out.iterdir():
-        if p.is_file() and ((_SHARD_RE.match(p.name) and p.name not in keep) or _TMP_RE.match(p.name)):
-            p.unlink()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -761,7 +644,7 @@ class ActivationStore:
             path = self.root / name
             if not path.is_file():
                 raise ArithInterpError(f"shard file {str(path)!r} is missing; rerun the store command to rewrite it.")
-            if _sha256_file(path) != digest:
+            if sha256_file(path) != digest:
                 raise ArithInterpError(f"shard file {str(path)!r} is damaged (its sha256 does not match the "
                                        "manifest); rerun the same store command to rewrite it.")  # fmt: skip
         self._verified.add(shard_i)

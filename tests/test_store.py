@@ -266,11 +266,11 @@ def test_cli_store_then_probe(tiny_model_dir, tmp_path, capsys):
 def test_shard_files_are_exactly_what_safetensors_writes(tmp_path):
     from safetensors.torch import save
 
-    from arithinterp.store import _write_safetensors
+    from arithinterp._shards import write_safetensors
 
     tensors = {"blocks.0.hook_resid_post": torch.randn(5, 3, 4), "tokens": torch.arange(6).reshape(2, 3),
                "h16": torch.randn(2, 2).half(), "hb": torch.randn(3).bfloat16()}  # fmt: skip
-    n, digest = _write_safetensors(tmp_path / "x.safetensors", tensors, metadata={"examples": "0:5"})
+    n, digest = write_safetensors(tmp_path / "x.safetensors", tensors, metadata={"examples": "0:5"})
     reference = save(tensors, metadata={"examples": "0:5"})
     assert (tmp_path / "x.safetensors").read_bytes() == reference
     assert n == len(reference) and digest == hashlib.sha256(reference).hexdigest()
