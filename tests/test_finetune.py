@@ -13,19 +13,9 @@ from safetensors.torch import load_file
 
 from arithinterp._errors import ArithInterpError
 from arithinterp.cli import main
-from arithinterp.finetune import (
-    FinetuneConfig,
-    Problems,
-    exact_match,
-    finetune,
-    kv_groups,
-    layout,
-    parse_transfer,
-    random_components,
-    read_circuit,
-    selection_masks,
-)
+from arithinterp.finetune import FinetuneConfig, Problems, exact_match, finetune, parse_transfer, read_circuit
 from arithinterp.models import load_hf
+from arithinterp.param_slices import kv_groups, layout, random_components, selection_masks
 from arithinterp.patching import Component
 from arithinterp.tasks import TaskConfig
 from arithinterp.tokenizer import VOCAB
