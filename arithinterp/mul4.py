@@ -248,12 +248,12 @@ def evaluate(model, seed: int, n: int, removed: int = COT_LEN, batch_size: int =
     8 output digits alone (equal to greedy exact match in the no-cot format); `digit_accuracy` the share of
     output digits that are the argmax given the correct earlier tokens.
     """
+    from arithinterp.train import model_device
+
     a, b = held_out(seed, n)
     full = encode(a, b, removed)
     first = PREFIX  # index of the first target token
     hits = []
-    from arithinterp.train import model_device
-
     device = model_device(model)
     for i in range(0, n, batch_size):
         seq = full[i : i + batch_size].to(device)
