@@ -12,3 +12,9 @@ class ArithInterpError(Exception):
 
 class ArithInterpWarning(UserWarning):
     """Something the user should look at (e.g. a normalisation with a near-zero denominator)."""
+
+
+def check_choice(name: str, value: str, choices) -> None:
+    """Refuse `value` unless it is one of `choices`, naming the option and the values it takes."""
+    if value not in choices:
+        raise ArithInterpError(f"unknown {name} {value!r}; choose one of: {', '.join(choices)}.")

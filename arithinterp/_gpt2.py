@@ -142,12 +142,8 @@ def extract_weights(model) -> GPT2Weights:
     )
 
 
-def _gelu_new(x: Tensor) -> Tensor:
-    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
-
-
 _ACTS = {
-    "gelu_new": _gelu_new,
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),  # GPT-2's tanh GELU, as torch's fused kernel
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "gelu": F.gelu,
     "relu": F.relu,
@@ -203,6 +199,11 @@ def qkv(w: GPT2Weights, layer: int, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return q, k, v
 
 
+def embed(w: GPT2Weights, tokens: Tensor) -> Tensor:
+    """Token plus position embedding `[..., pos, d_model]` of `tokens` `[..., pos]`."""
+    return w.W_E[tokens] + w.W_pos[: tokens.shape[-1]]
+
+
 def z_to_out(w: GPT2Weights, layer: int, z: Tensor) -> Tensor:
     """Attention output `[..., pos, d_model]` from `z` `[..., pos, head, d_head]` (sum over heads + bias)."""
     return torch.einsum("...phd,hdm->...pm", z, w.W_O[layer]) + w.b_O[layer]
@@ -218,7 +219,7 @@ def mlp(w: GPT2Weights, layer: int, x: Tensor) -> tuple[Tensor, Tensor]:
 @torch.no_grad()
 def run_with_cache(w: GPT2Weights, tokens: Int[Tensor, "batch pos"]) -> Cache:
     """One full forward pass, keeping every activation the patching engine can reuse."""
-    x = w.W_E[tokens] + w.W_pos[: tokens.shape[1]]
+    x = embed(w, tokens)
     c = Cache(*[[] for _ in range(11)], final=None)  # type: ignore[arg-type]
     for layer in range(w.n_layers):
         c.resid_pre.append(x)

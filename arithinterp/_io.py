@@ -5,20 +5,28 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from arithinterp._errors import ArithInterpError
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write `data` to `path` so that readers see either the old file or the whole new one."""
+@contextmanager
+def atomic_open(path: str | os.PathLike) -> Iterator[BinaryIO]:
+    """Open `path` for writing bytes so that readers see either the old file or the whole new one.
+
+    The file object writes to a temporary file `.<name>.<random>.tmp` beside `path` (its parent is created);
+    when the block ends it is flushed, fsynced, given the usual permissions (0666 less the umask) and renamed
+    over `path`. On any exception the temporary file is removed and `path` is left as it was.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
@@ -27,6 +35,13 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write `data` to `path` so that readers see either the old file or the whole new one."""
+    path = Path(path)
+    with atomic_open(path) as f:
+        f.write(data)
     return path
 
 
@@ -54,14 +69,20 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
+def refuse_file(out: str | os.PathLike) -> Path:
+    """`out` as a `Path`; refuses one that exists and is not a folder (the check every `--out` starts with)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ArithInterpError(f"--out {str(out)!r} is a file, not a folder; pass a folder path.")
+    return out
+
+
 def check_out_dir(out: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Refuse an output folder that is a file, or non-empty without `overwrite`; creates nothing.
 
     Commands call this before any slow work, and `prepare_out_dir` when they are about to write.
     """
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ArithInterpError(f"--out {str(out)!r} is a file, not a folder; pass a folder path.")
+    out = refuse_file(out)
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ArithInterpError(
             f"output folder {str(out)!r} already exists and is not empty; "

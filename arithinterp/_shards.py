@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +14,7 @@ import torch
 from torch import Tensor
 
 from arithinterp._errors import ArithInterpError
+from arithinterp._io import atomic_open, refuse_file
 
 FORMAT = "arithinterp-activation-store"
 FORMAT_VERSION = 1
@@ -53,20 +52,10 @@ def write_safetensors(path: Path, tensors: dict[str, Tensor], *, metadata: dict[
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)
     digest = hashlib.sha256()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for chunk in (len(head).to_bytes(8, "little"), head, *views):
-                digest.update(chunk)
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path) as f:
+        for chunk in (len(head).to_bytes(8, "little"), head, *views):
+            digest.update(chunk)
+            f.write(chunk)
     return 8 + len(head) + offset, digest.hexdigest()
 
 
@@ -78,20 +67,26 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def shard_ok(out: Path, record: dict[str, Any]) -> bool:
+def shard_problem(root: Path, record: dict[str, Any]) -> str | None:
+    """Why the shard of manifest entry `record` cannot be used (its first missing or damaged file), or None."""
     for name, digest in ((record["file"], record["sha256"]), (record["examples_file"], record["examples_sha256"])):
-        if not (out / name).is_file() or sha256_file(out / name) != digest:
-            return False
-    return True
+        path = root / name
+        if not path.is_file():
+            return f"shard file {str(path)!r} is missing; rerun the store command to rewrite it."
+        if sha256_file(path) != digest:
+            return (f"shard file {str(path)!r} is damaged (its sha256 does not match the manifest); rerun the "
+                    "same store command to rewrite it.")  # fmt: skip
+    return None
 
 
 _PLAN_KEYS_IGNORED = {"complete", "shards", "version"}
+_NOT_A_STORE = ("folder {out!r} is not empty and holds no activation store; pass another --out, or --overwrite "
+                "to write the store into it.")  # fmt: skip
 
 
 def prepare_store_dir(out: Path, plan: dict[str, Any], *, overwrite: bool) -> list[dict[str, Any]]:
     """Make `out` ready for `plan`; returns the shard records that are already written and intact."""
-    if out.exists() and not out.is_dir():
-        raise ArithInterpError(f"store folder {str(out)!r} is a file; pass a folder path.")
+    out = check_store_dir(out, overwrite=overwrite)
     out.mkdir(parents=True, exist_ok=True)
     manifest_path = out / MANIFEST
     old = None
@@ -105,7 +100,7 @@ def prepare_store_dir(out: Path, plan: dict[str, Any], *, overwrite: bool) -> li
         if not differs:
             kept = []
             for record in old.get("shards", []):
-                if not shard_ok(out, record):
+                if shard_problem(out, record) is not None:
                     break
                 kept.append(record)
             remove_strays(out, keep={r[k] for r in kept for k in ("file", "examples_file")})
@@ -114,9 +109,8 @@ def prepare_store_dir(out: Path, plan: dict[str, Any], *, overwrite: bool) -> li
             raise ArithInterpError(f"folder {str(out)!r} holds a store made with other settings (differs "
                                    f"in: {', '.join(differs)}); pass another --out, or --overwrite to replace "
                                    "it.")  # fmt: skip
-    elif any(out.iterdir()) and not overwrite:
-        raise ArithInterpError(f"folder {str(out)!r} is not empty and holds no activation store; pass another "
-                               "--out, or --overwrite to write the store into it.")  # fmt: skip
+    elif any(out.iterdir()) and not overwrite:  # a manifest.json, but not a store's: check_store_dir let it by
+        raise ArithInterpError(_NOT_A_STORE.format(out=str(out)))
     remove_strays(out, keep=set())
     if manifest_path.is_file():
         manifest_path.unlink()
@@ -129,12 +123,9 @@ def check_store_dir(out: str | Path, *, overwrite: bool = False) -> Path:
     Accepted: a missing or empty folder, or one holding an activation store (resumed, returned or, with
     different settings, refused later by `write_store` unless `overwrite`).
     """
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ArithInterpError(f"--out {str(out)!r} is a file, not a folder; pass a folder path.")
+    out = refuse_file(out)
     if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file() and not overwrite:
-        raise ArithInterpError(f"folder {str(out)!r} is not empty and holds no activation store; pass another "
-                               "--out, or --overwrite to write the store into it.")  # fmt: skip
+        raise ArithInterpError(_NOT_A_STORE.format(out=str(out)))
     return out
 
 

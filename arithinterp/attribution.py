@@ -31,7 +31,6 @@ Axis names: `component` (a part of the decomposition), `batch`, `pos`, `d_model`
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +41,7 @@ from tqdm.auto import tqdm
 
 from arithinterp import _gpt2
 from arithinterp._errors import ArithInterpError
+from arithinterp.metrics import mean_ci, spearman
 from arithinterp.tasks import Dataset
 
 # ---------------------------------------------------------------------------------------------------------
@@ -305,19 +305,6 @@ class DLAResult:
         return {p.name: float(v[i]) for i, p in enumerate(self.parts) if p.kind in ("head", "mlp")}
 
 
-def mean_ci(
-    values: Float[Tensor, "component batch"], *, level: float = 0.95, n_boot: int = 1000, seed: int = 0
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Mean over examples with a percentile-bootstrap interval (examples resampled, same draws for all rows)."""
-    n = values.shape[1]
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, n, (n_boot, n), generator=g)  # (boot, batch)
-    boot = values[:, idx].mean(-1)  # (component, boot)
-    q = torch.tensor([(1 - level) / 2, 1 - (1 - level) / 2], dtype=boot.dtype)
-    lo, hi = torch.quantile(boot, q, dim=-1)
-    return values.mean(1), lo, hi
-
-
 @torch.no_grad()
 def direct_logit_attribution(
     model,
@@ -418,26 +405,6 @@ def logit_lens(model, dataset: Dataset, *, decomposition: Decomposition | None =
 
 # ---------------------------------------------------------------------------------------------------------
 # Agreement with activation patching
-
-
-def _ranks(x: Tensor) -> Tensor:
-    """Ranks 1..n with ties given their average rank."""
-    order = x.argsort()
-    ranks = torch.empty_like(x, dtype=torch.float64)
-    ranks[order] = torch.arange(1, len(x) + 1, dtype=torch.float64)
-    for v in x.unique():
-        tie = x == v
-        if tie.sum() > 1:
-            ranks[tie] = ranks[tie].mean()
-    return ranks
-
-
-def spearman(x: Float[Tensor, " n"], y: Float[Tensor, " n"]) -> float:
-    """Spearman's rank correlation (Pearson correlation of average ranks)."""
-    rx, ry = _ranks(x.double()), _ranks(y.double())
-    rx, ry = rx - rx.mean(), ry - ry.mean()
-    denom = math.sqrt(float((rx * rx).sum() * (ry * ry).sum()))
-    return float((rx * ry).sum()) / denom if denom > 0 else float("nan")
 
 
 def rank_agreement(dla: DLAResult, patch, metric: str = "logit_diff") -> dict[str, Any]:

@@ -46,11 +46,11 @@ from arithinterp.patching import (
     Direction,
     PatchResult,
     _check_common,
-    _model_dims,
     all_components,
+    model_dims,
     weights,
 )
-from arithinterp.path_patching import Edge, Receiver
+from arithinterp.path_patching import Edge, Receiver, sender_delta
 from arithinterp.tasks import Dataset
 
 Method = Literal["atp", "eap-ig"]
@@ -125,19 +125,9 @@ def _gradients(
     return {k: [t / len(alphas) for t in ts] for k, ts in total.items()}
 
 
-def _embed(w: _gpt2.GPT2Weights, tokens: Tensor) -> Tensor:
-    return w.W_E[tokens] + w.W_pos[: tokens.shape[1]]
-
-
 def _writes(w, base: _gpt2.Cache, src: _gpt2.Cache, senders: list[Component]) -> Tensor:
     """Each sender's source-minus-base write `[sender, batch, pos, d_model]`."""
-    out = []
-    for s in senders:
-        if s.kind == "head":
-            out.append((src.z[s.layer][:, :, s.head] - base.z[s.layer][:, :, s.head]) @ w.W_O[s.layer, s.head])
-        else:
-            out.append(src.mlp_out[s.layer] - base.mlp_out[s.layer])
-    return torch.stack(out)
+    return torch.stack([sender_delta(w, s, base, src) for s in senders])
 
 
 def attribution_patch(
@@ -173,7 +163,7 @@ def attribution_patch(
     if _check_common(dataset, direction, "auto", model) != "fast":
         raise ArithInterpError("attribution patching implements the GPT-2 architecture only; "
                                "use exact activation patching (--method activation) for this model.")  # fmt: skip
-    n_layers, n_heads = _model_dims(model)
+    n_layers, n_heads = model_dims(model)
     components = list(components) if components is not None else all_components(n_layers, n_heads)
     if receivers is None:
         receivers = [Receiver(kind="logits")] + [r for c in all_components(n_layers, n_heads) for r in Receiver.of(c)]
@@ -216,7 +206,7 @@ def _attribute_batch(w, dataset, metric_name, direction, components, edge_list, 
         (dataset.corrupted_tokens, dataset.clean_tokens) if direction == "denoising"
         else (dataset.clean_tokens, dataset.corrupted_tokens)
     )  # fmt: skip
-    g = _gradients(w, _embed(w, base_tokens), _embed(w, src_tokens), metric, alphas, edges=edges)
+    g = _gradients(w, _gpt2.embed(w, base_tokens), _gpt2.embed(w, src_tokens), metric, alphas, edges=edges)
     with torch.no_grad():
         node_est = []
         for c in components:

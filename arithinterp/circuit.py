@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from arithinterp._errors import ArithInterpError
+from arithinterp._errors import ArithInterpError, check_choice
 from arithinterp._io import atomic_write_json
 from arithinterp.patching import Component
 
@@ -26,11 +26,6 @@ DIRECTIONS = ("abs", "above", "below")
 #: Anything that gives one score per component: a `PatchResult` (or any object with `.components` and
 #: `.scores`), a mapping name-or-Component -> score, or a sequence of (name-or-Component, score) pairs.
 ScoreLike = Any
-
-
-def _choice(name: str, value: str, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise ArithInterpError(f"unknown {name} {value!r}; choose one of: {', '.join(choices)}.")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -77,7 +72,8 @@ def _model_order(c: Component) -> tuple[int, int]:
     return (c.layer, c.head if c.kind == "head" else 10**9)
 
 
-def _components(x: Circuit | Iterable[Component | str]) -> list[Component]:
+def as_components(x: Circuit | Iterable[Component | str]) -> list[Component]:
+    """The components of a circuit, or of a list of components and names such as "L0H1" and "MLP2"."""
     if isinstance(x, Circuit):
         return list(x.components)
     return [c if isinstance(c, Component) else Component.parse(str(c)) for c in x]
@@ -85,7 +81,7 @@ def _components(x: Circuit | Iterable[Component | str]) -> list[Component]:
 
 def jaccard(a: Circuit | Iterable[Component | str], b: Circuit | Iterable[Component | str]) -> float:
     """|A ∩ B| / |A ∪ B| of two component sets (1.0 for two empty sets)."""
-    sa, sb = set(_components(a)), set(_components(b))
+    sa, sb = set(as_components(a)), set(as_components(b))
     return 1.0 if not sa | sb else len(sa & sb) / len(sa | sb)
 
 
@@ -113,8 +109,8 @@ class Selection:
     max_k: int | None = None
 
     def __post_init__(self) -> None:
-        _choice("selection", self.how, SELECT_HOW)
-        _choice("threshold direction", self.direction, DIRECTIONS)
+        check_choice("selection", self.how, SELECT_HOW)
+        check_choice("threshold direction", self.direction, DIRECTIONS)
         if self.how == "top-k" and (self.k is None or self.k < 1):
             raise ArithInterpError(f"top-k selection needs k >= 1 (got {self.k}); pass e.g. --k 5.")
         if self.how == "threshold" and (self.threshold is None or not math.isfinite(self.threshold)):

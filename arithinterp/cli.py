@@ -24,7 +24,7 @@ from arithinterp.metrics import METRICS
 from arithinterp.models import DEFAULT_MODEL
 from arithinterp.patching import CLI_GRANULARITIES as PATCH_GRANULARITIES
 from arithinterp.patching import DIRECTIONS as PATCH_DIRECTIONS
-from arithinterp.patching import PATCH_METHODS, Engine
+from arithinterp.patching import PATCH_METHODS, Engine, model_dims
 from arithinterp.probes import Control, Estimator, ProbeKind
 from arithinterp.store import DTYPES
 from arithinterp.tasks import COUNTERFACTUALS, OPS, STYLES, TASKS
@@ -240,7 +240,7 @@ def patch(model_spec, task, n, seed, style, counterfactual, digits, operand_rang
         click.echo(f"wrote {out_dir / 'patch.json'} and {out_dir / 'patch.html'}")
         return
     result = patch_components(model, dataset, metric=metric, engine=engine)
-    n_layers, n_heads = int(model.cfg.n_layers), int(model.cfg.n_heads)
+    n_layers, n_heads = model_dims(model)
     ranked = result.ranked()
     record = result_header(model_spec=model_spec, task=task, method="activation", metric=metric,
                            dataset=dataset, seed=seed)  # fmt: skip
@@ -288,7 +288,7 @@ def _patch_report(
     from arithinterp import plots
     from arithinterp.path_patching import Receiver, iterative_path_patch, parse_components, path_patch
 
-    n_layers, n_heads = int(model.cfg.n_layers), int(model.cfg.n_heads)
+    n_layers, n_heads = model_dims(model)
     shift = 1.0 if direction == "noising" else 0.0
     rec: dict[str, Any] = {"direction": direction}
     figures = []
@@ -424,7 +424,7 @@ def attribute(model_spec, task, n, seed, style, counterfactual, digits, operand_
                    "examples": dataset.records(), "wall_time_s": round(time.time() - t0, 2)})  # fmt: skip
     prepare_out_dir(out_dir, overwrite=overwrite)
     atomic_write_json(out_dir / "attribute.json", record)
-    n_layers, n_heads = int(model.cfg.n_layers), int(model.cfg.n_heads)
+    n_layers, n_heads = model_dims(model)
     what = f"{model_spec}, task {task} ({len(dataset)} examples)"
     figures = [
         plots.dla_heatmap(report.dla, n_layers, n_heads, metric=report.metric,
@@ -674,7 +674,7 @@ def localize(model_spec, task, n, seed, style, counterfactual, digits, operand_r
     circuit.info.update(examples=dataset.records(), wall_time_s=round(time.time() - t0, 2))
     prepare_out_dir(out_dir, overwrite=overwrite)
     circuit.save(out_dir / "circuit.json")
-    n_layers, n_heads = int(model.cfg.n_layers), int(model.cfg.n_heads)
+    n_layers, n_heads = model_dims(model)
     what = f"{model_spec}, task {task} ({len(dataset)} examples, {method} scores, metric {metric})"
     figures = [
         plots.circuit_scores_figure(circuit, n_layers, n_heads, title=f"Component scores and the circuit: {what}"),

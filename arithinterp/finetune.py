@@ -495,6 +495,7 @@ def finetune(
     """
     from arithinterp import __version__
     from arithinterp.models import resolve
+    from arithinterp.train import _write_model_folder
 
     cfg = config
     comps = [c if isinstance(c, Component) else Component.parse(str(c)) for c in components]
@@ -566,9 +567,9 @@ def finetune(
             "delta": _delta(after, state["before"]), "loss_log": run["log"], **arm.info,
         }  # fmt: skip
         if name == "selective":
-            _save_model(arm.model, tokenizer, out)
+            _write_model_folder(out, arm.model, tokenizer)
         elif cfg.save_baselines:
-            _save_model(arm.model, tokenizer, out / "arms" / name)
+            _write_model_folder(out / "arms" / name, arm.model, tokenizer)
         atomic_write_json(state_path, state)
         (ckpt_dir / f"{name}.pt").unlink(missing_ok=True)
         del arm, arm_model
@@ -599,13 +600,3 @@ def _html_header(record: dict[str, Any]) -> str:
             f"match on {record['settings']['n_eval']} held-out problems per distribution; retention is "
             f"{ret['kind']} ({ret['metric']}, {better} is better). Before: target {record['before']['target']:.3f}."
             "</p>")  # fmt: skip
-
-
-def _save_model(model, tokenizer, folder: Path) -> None:
-    """Save a Hugging Face model folder (safetensors) atomically file by file."""
-    tmp = folder / ".model_tmp"
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    for f in tmp.iterdir():
-        f.replace(folder / f.name)
-    tmp.rmdir()

@@ -41,7 +41,6 @@ from arithinterp import _gpt2
 from arithinterp._errors import ArithInterpError
 from arithinterp.attribution import (
     Decomposition,
-    decompose_positions,
     decompose_residual,
     effective_unembed,
     part_contributions,
@@ -522,8 +521,6 @@ def answer_digit_spectra(model, dataset: Dataset, *, numbers: NumberTokens | Non
     answers = torch.tensor([t[:n_tokens] for t in truth], dtype=torch.long)
     tokens = torch.cat([prompts, answers[:, : n_tokens - 1]], 1)  # one run, read at every answer position
     p0 = prompts.shape[1] - 1
-    out = []
-    for j, d in enumerate(decompose_positions(model, tokens, [p0 + j for j in range(n_tokens)])):
-        final = spectra_of_decomposition(model, d, numbers=numbers).get("final")
-        out.append({"answer_token": j, "place": 10**j if dataset.style == "digits" else None} | final.record())
-    return out
+    logits = model(tokens)[:, p0 : p0 + n_tokens][..., numbers.ids]  # (batch, answer token, number)
+    return [{"answer_token": j, "place": 10**j if dataset.style == "digits" else None}
+            | spectrum(logits[:, j]).record() for j in range(n_tokens)]  # fmt: skip

@@ -30,7 +30,6 @@ Axis names: `set` (one component set per row), `batch`, `pos`, `layer`, `head`.
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -40,7 +39,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from arithinterp._errors import ArithInterpError
+from arithinterp._errors import ArithInterpError, check_choice
 from arithinterp.ablation import (
     ABLATIONS,
     POSITIONS,
@@ -56,15 +55,14 @@ from arithinterp.circuit import (
     Circuit,
     ScoreLike,
     Selection,
-    _choice,
-    _components,
     _model_order,
+    as_components,
     as_scores,
     jaccard,
     rank,
     select_components,
 )
-from arithinterp.patching import Component, all_components
+from arithinterp.patching import Component, all_components, model_dims
 from arithinterp.tasks import Dataset
 
 BASELINES = ("ablated", "corrupted")
@@ -77,10 +75,6 @@ FAITHFULNESS_DEFINITION = {
     "corrupted": "(M_circuit - M_corrupted) / (M_full - M_corrupted); M = mean metric, M_circuit = clean prompts "
     "with every component outside the circuit ablated, M_corrupted = the unablated model on the counterfactual prompts",
 }
-
-
-def _dims(model) -> tuple[int, int]:
-    return int(model.cfg.n_layers), int(model.cfg.n_heads)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -145,9 +139,9 @@ def faithfulness_curve(
     progress: bool = False,
 ) -> list[Faithfulness]:
     """Faithfulness of several component sets in one batched evaluation (see the module docstring)."""
-    _choice("baseline", baseline, BASELINES)
-    everything = all_components(*_dims(model))
-    complements = [[c for c in everything if c not in set(_components(circ))] for circ in circuits]
+    check_choice("baseline", baseline, BASELINES)
+    everything = all_components(*model_dims(model))
+    complements = [[c for c in everything if c not in set(as_components(circ))] for circ in circuits]
     runs = run_ablations(model, dataset, complements + [everything], ablation=ablation, metric=metric,
                          positions=positions, reference=reference, engine=engine, progress=progress)  # fmt: skip
     scores, m_base = _faithfulness_scores(runs, baseline, len(complements))
@@ -161,7 +155,7 @@ def faithfulness_curve(
             ablation=ablation,
             positions=positions,
             metric=metric,
-            n_components=len(set(_components(circ))),
+            n_components=len(set(as_components(circ))),
             accuracy_circuit=float(runs.correct[i].mean()),
             accuracy_full=float(runs.full_correct.mean()),
         )  # fmt: skip
@@ -171,7 +165,7 @@ def faithfulness_curve(
 
 def faithfulness(model, dataset: Dataset, circuit: Circuit | Iterable[Component | str], **kwargs: Any) -> Faithfulness:
     """Faithfulness of one circuit; keyword arguments as in `faithfulness_curve`."""
-    return faithfulness_curve(model, dataset, [_components(circuit)], **kwargs)[0]
+    return faithfulness_curve(model, dataset, [as_components(circuit)], **kwargs)[0]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -269,8 +263,8 @@ def necessity(
     """Knock out the circuit and `n_random` random same-size sets; see `Necessity`."""
     if n_random < 1:
         raise ArithInterpError(f"n_random={n_random}: pass at least 1 random set (e.g. 100).")
-    comps = sorted(set(_components(circuit)), key=_model_order)
-    n_layers, n_heads = _dims(model)
+    comps = sorted(set(as_components(circuit)), key=_model_order)
+    n_layers, n_heads = model_dims(model)
     rand = random_sets(comps, n_layers, n_heads, n_random, seed=seed, match_kinds=match_kinds)
     runs = run_ablations(model, dataset, [comps] + rand, ablation=ablation, metric=metric, positions=positions,
                          reference=reference, engine=engine, progress=progress)  # fmt: skip
@@ -311,7 +305,7 @@ def knockout_scores(
     score = (M_without_c - M_full) / |M_full|: with `metric="answer_logit"`, -0.05 is a 5% drop of the
     answer logit - select with `Selection.by_threshold(-0.05, direction="below")`.
     """
-    comps = all_components(*_dims(model))
+    comps = all_components(*model_dims(model))
     runs = run_ablations(model, dataset, [[c] for c in comps], ablation=ablation, metric=metric, progress=progress)
     m_full = float(runs.full.mean())
     if abs(m_full) < 1e-12:
@@ -332,9 +326,8 @@ def _attribution_scores(kind: str) -> ScoreMethod:
 
 register_score_method("activation", _activation_scores)
 register_score_method("knockout", knockout_scores)
-if importlib.util.find_spec("arithinterp.attribution_patching") is not None:
-    register_score_method("atp", _attribution_scores("atp"))
-    register_score_method("eap-ig", _attribution_scores("eap-ig"))
+register_score_method("atp", _attribution_scores("atp"))
+register_score_method("eap-ig", _attribution_scores("eap-ig"))
 
 
 def component_scores(
@@ -342,7 +335,7 @@ def component_scores(
     progress: bool = False,
 ) -> ScoreLike:  # fmt: skip
     """Score every head and MLP with a registered method (`SCORE_METHODS`)."""
-    _choice("score method", method, tuple(SCORE_METHODS))
+    check_choice("score method", method, tuple(SCORE_METHODS))
     return SCORE_METHODS[method](model, dataset, metric=metric, ablation=ablation, progress=progress)
 
 
@@ -388,7 +381,7 @@ def localize(
         chosen = select_components(s, select)
         n_total = len(s)
     else:
-        n_layers, n_heads = _dims(model)
+        n_layers, n_heads = model_dims(model)
         n_total = n_layers * (n_heads + 1)
         max_k = len(ranked) if curve_max_k is None else min(len(ranked), curve_max_k)
         if select.how == "faithfulness":
@@ -520,9 +513,9 @@ def transfer(
         for n, ds in tqdm(datasets.items(), desc="locating", disable=not progress)
     }  # fmt: skip
     k = len(names)
-    n_layers, n_heads = _dims(model)
+    n_layers, n_heads = model_dims(model)
     everything = all_components(n_layers, n_heads)
-    members = [set(_components(circuits[n])) for n in names]
+    members = [set(as_components(circuits[n])) for n in names]
     complements = [[c for c in everything if c not in m] for m in members]
     knockouts = [sorted(m, key=_model_order) for m in members]
     head_kos = [[c for c in ko_ if c.kind == "head"] for ko_ in knockouts]
@@ -573,7 +566,7 @@ def head_attention(
     model, dataset: Dataset, heads: Iterable[Component | str], *, query_pos: int = -1
 ) -> Float[Tensor, "head batch key_pos"]:
     """Attention pattern of each head from position `query_pos` (default: the final one) on the clean prompts."""
-    comps = [c for c in _components(heads) if c.kind == "head"]
+    comps = [c for c in as_components(heads) if c.kind == "head"]
     if not comps:
         return torch.empty(0, len(dataset), dataset.clean_tokens.shape[1])
     _, cache = model.run_with_cache(dataset.clean_tokens)
@@ -599,10 +592,10 @@ class LocalizeConfig:
     seed: int = 0  # random sets
 
     def __post_init__(self) -> None:
-        _choice("score method", self.method, tuple(SCORE_METHODS))
-        _choice("ablation", self.ablation, ABLATIONS)
-        _choice("baseline", self.baseline, BASELINES)
-        _choice("positions", self.positions, POSITIONS)
+        check_choice("score method", self.method, tuple(SCORE_METHODS))
+        check_choice("ablation", self.ablation, ABLATIONS)
+        check_choice("baseline", self.baseline, BASELINES)
+        check_choice("positions", self.positions, POSITIONS)
         if self.n_random < 1 or self.n_random_transfer < 1:
             raise ArithInterpError(f"n_random={self.n_random}: pass at least 1 random set (e.g. --n-random 100).")
 

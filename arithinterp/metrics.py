@@ -105,14 +105,30 @@ def bootstrap_ci(
     seed: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """Percentile bootstrap interval of the normalised score, resampling examples (same draws for all)."""
-    n = clean.shape[0]
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, n, (n_boot, n), generator=g)  # (boot, batch)
+    idx = _resample(clean.shape[0], n_boot, seed)  # (boot, batch)
     c, k = corrupted[idx].mean(-1), clean[idx].mean(-1)  # (boot,)
     p = patched[:, idx].mean(-1)  # (component, boot)
-    s = (p - c) / (k - c)
-    q = torch.tensor([(1 - level) / 2, 1 - (1 - level) / 2], dtype=s.dtype)
-    lo, hi = torch.quantile(s, q, dim=-1)
+    return _percentiles((p - c) / (k - c), level)
+
+
+def mean_ci(
+    values: Float[Tensor, "component batch"], *, level: float = 0.95, n_boot: int = 1000, seed: int = 0
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Mean over examples with a percentile-bootstrap interval (examples resampled, same draws for all rows)."""
+    boot = values[:, _resample(values.shape[1], n_boot, seed)].mean(-1)  # (component, boot)
+    lo, hi = _percentiles(boot, level)
+    return values.mean(1), lo, hi
+
+
+def _resample(n: int, n_boot: int, seed: int) -> Tensor:
+    """`n_boot` bootstrap draws of `n` example indices, `(boot, n)` (seeded: every caller draws the same)."""
+    return torch.randint(0, n, (n_boot, n), generator=torch.Generator().manual_seed(seed))
+
+
+def _percentiles(boot: Float[Tensor, "... boot"], level: float) -> tuple[Tensor, Tensor]:
+    """The central `level` percentile interval over the last axis."""
+    q = torch.tensor([(1 - level) / 2, 1 - (1 - level) / 2], dtype=boot.dtype)
+    lo, hi = torch.quantile(boot, q, dim=-1)
     return lo, hi
 
 

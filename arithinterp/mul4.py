@@ -43,14 +43,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from arithinterp._errors import ArithInterpError
 from arithinterp._io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from arithinterp.tokenizer import VOCAB
-from arithinterp.train import _MUL4_DEFAULTS
+from arithinterp.train import _MUL4_DEFAULTS, random_pairs
 
 DIGITS = 4  # operand length
 N_OUT = 2 * DIGITS  # output digits c_0..c_7
@@ -159,9 +159,7 @@ def encode(a: Int[Tensor, " batch"], b: Int[Tensor, " batch"], removed: int = CO
 
 def held_out(seed: int, n: int) -> tuple[Int[Tensor, " n"], Int[Tensor, " n"]]:
     """The held-out test problems (drawn with seed 10_000 + seed; never in a training batch)."""
-    g = torch.Generator().manual_seed(10_000 + seed)
-    hi = 10**DIGITS
-    return torch.randint(0, hi, (n,), generator=g), torch.randint(0, hi, (n,), generator=g)
+    return random_pairs(n, 10_000 + seed, DIGITS)
 
 
 class ProblemSampler:
@@ -378,7 +376,7 @@ def train_mul4(cfg, out: str | Path, *, overwrite: bool = False, progress: bool 
     sched = SCHEDULES[cfg.task]
     out = Path(out)
     state = open_run(out, {"train_config": asdict(cfg), "schedule": asdict(sched)}, overwrite=overwrite)
-    device = device if isinstance(device, torch.device) else resolve_device(device)
+    device = resolve_device(device)
     model = build_model(cfg, N_POSITIONS_MODEL).to(device)
     aux = AuxHeads(cfg.d_model).to(device) if sched.aux_weight > 0 else None
     params = list(model.parameters()) + (list(aux.parameters()) if aux is not None else [])
@@ -467,24 +465,6 @@ TASK_DESCRIPTIONS = {
     "mul4-sft": "4x4-digit multiplication (LSB first), trained without chain of thought",
     "mul4-aux": "4x4-digit multiplication (LSB first), no chain of thought + auxiliary running-sum loss",
 }
-
-
-def final_stage_batches(cfg):
-    """Sampler for `arithinterp.train.TrainTask`: no-cot batches (tokens, loss mask on the answer and <eos>)."""
-    sampler = ProblemSampler(cfg.seed, cfg.n_test)
-
-    def sample(g: torch.Generator) -> tuple[Tensor, Bool[Tensor, "batch seq"]]:
-        seq = encode(*sampler(cfg.batch_size, g))
-        mask = torch.zeros_like(seq, dtype=torch.bool)
-        mask[:, PREFIX:] = True
-        return seq, mask
-
-    return sample
-
-
-def final_stage_eval(model, cfg) -> dict[str, float]:
-    """Evaluator for `arithinterp.train.TrainTask`: greedy held-out accuracy in the no-cot format."""
-    return greedy_eval(model, cfg.seed, cfg.n_test)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 
 from arithinterp._errors import ArithInterpError
 from arithinterp.mul4 import DIGITS, EQ_POS, N_OUT, encode, mul4_meta
+from arithinterp.train import random_pairs
 
 OPERAND_LABELS = [f"a{i}" for i in range(DIGITS)] + [f"b{j}" for j in range(DIGITS)]
 OUTPUT_LABELS = [f"c{k}" for k in range(N_OUT)]
@@ -88,8 +89,7 @@ def one_thread():
 
 def problems(n: int, seed: int) -> tuple[Int[Tensor, " n"], Int[Tensor, " n"]]:
     """`n` random operand pairs, uniform in 0..9999 (seeded)."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 10**DIGITS, (n,), generator=g), torch.randint(0, 10**DIGITS, (n,), generator=g)
+    return random_pairs(n, seed, DIGITS)
 
 
 def sequences(a: Int[Tensor, " n"], b: Int[Tensor, " n"]) -> Int[Tensor, "n pos"]:
@@ -120,14 +120,14 @@ def _run(model, tokens: Tensor, names: Sequence[str], batch_size: int) -> tuple[
 
 
 @torch.no_grad()
-def accuracy(model, a: Tensor, b: Tensor, batch_size: int = 500) -> dict[str, Any]:
-    """Teacher-forced argmax accuracy per output digit and exact match (= greedy exact match)."""
+def accuracy(model, a: Tensor, b: Tensor, batch_size: int = 500, *, logits: Tensor | None = None) -> dict[str, Any]:
+    """Teacher-forced argmax accuracy per output digit and exact match (= greedy exact match).
+
+    `logits`: the model's logits on `sequences(a, b)` when already computed (by `_run`); otherwise computed here.
+    """
     seq = encode(a, b)
-    hits = []
-    for i in range(0, len(seq), batch_size):
-        pred = _logits(model, seq[i : i + batch_size, :-1])[:, EQ_POS : EQ_POS + N_OUT].argmax(-1)
-        hits.append(pred == seq[i : i + batch_size, EQ_POS + 1 : EQ_POS + 1 + N_OUT])
-    hit = torch.cat(hits)
+    out = _output_logits(model, seq[:, :-1], batch_size, logits)
+    hit = out.argmax(-1) == seq[:, EQ_POS + 1 : EQ_POS + 1 + N_OUT]
     return {"exact_match": hit.all(1).float().mean().item(), "digit_accuracy": hit.float().mean().item(),
             "digit_accuracy_per_k": [round(v, 4) for v in hit.float().mean(0).tolist()]}  # fmt: skip
 
@@ -137,19 +137,20 @@ def accuracy(model, a: Tensor, b: Tensor, batch_size: int = 500) -> dict[str, An
 
 
 @torch.no_grad()
-def digit_swap_attribution(model, a: Tensor, b: Tensor, *, seed: int = 0,
-                           batch_size: int = 500) -> Float[np.ndarray, "operand digit"]:  # fmt: skip
+def digit_swap_attribution(model, a: Tensor, b: Tensor, *, seed: int = 0, batch_size: int = 500,
+                           logits: Tensor | None = None) -> Float[np.ndarray, "operand digit"]:  # fmt: skip
     """Mean |Δ logit| of each output digit's correct token when one operand digit is replaced.
 
     Row r (a_0..a_3, b_0..b_3) replaces that digit of every problem by a different digit drawn at random; column
     k is the change of the logit of the original c_k at position EQ_POS + k (the prompt and the earlier answer
-    digits stay those of the original problem, so only the operand digit differs).
+    digits stay those of the original problem, so only the operand digit differs). `logits`: the model's logits
+    on `sequences(a, b)` when already computed (by `_run`).
     """
     g = torch.Generator().manual_seed(seed)
     seq = sequences(a, b)
     target = encode(a, b)[:, EQ_POS + 1 : EQ_POS + 1 + N_OUT]  # (n, digit)
     d0 = int(seq[0, A_POS[0]] - (a[0] % 10))  # token id of "0"
-    base = _pick(model, seq, target, batch_size)
+    base = _pick(model, seq, target, batch_size, logits)
     out = np.zeros((len(OPERAND_POS), N_OUT))
     for r, pos in enumerate(OPERAND_POS):
         swapped = seq.clone()
@@ -160,12 +161,18 @@ def digit_swap_attribution(model, a: Tensor, b: Tensor, *, seed: int = 0,
     return out
 
 
-def _pick(model, seq: Tensor, target: Tensor, batch_size: int) -> Tensor:
-    parts = []
-    for i in range(0, len(seq), batch_size):
-        lg = _logits(model, seq[i : i + batch_size])[:, EQ_POS : EQ_POS + N_OUT].float()
-        parts.append(lg.gather(-1, target[i : i + batch_size, :, None])[..., 0])
-    return torch.cat(parts)
+def _output_logits(model, seq: Tensor, batch_size: int, logits: Tensor | None = None) -> Tensor:
+    """Logits (float) at the positions predicting c_0..c_7: sliced from `logits` of `seq` when given, else run."""
+    if logits is None:
+        logits = torch.cat([_logits(model, seq[i : i + batch_size])[:, EQ_POS : EQ_POS + N_OUT]
+                            for i in range(0, len(seq), batch_size)])  # fmt: skip
+        return logits.float()
+    return logits[:, EQ_POS : EQ_POS + N_OUT].float()
+
+
+def _pick(model, seq: Tensor, target: Tensor, batch_size: int, logits: Tensor | None = None) -> Tensor:
+    """The logit of each `target` digit at the position predicting it."""
+    return _output_logits(model, seq, batch_size, logits).gather(-1, target[:, :, None])[..., 0]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -436,12 +443,12 @@ def _run_all(model, config: Mul4AnalysisConfig, progress: bool) -> Mul4Report:
     a, b = problems(config.n, config.seed)
     names = residual_hooks(model) + [f"blocks.{layer}.attn.hook_pattern" for layer in range(model.cfg.n_layers)]
     names.append("ln_final.hook_normalized")
-    _, acts = _run(model, sequences(a, b), names, config.batch_size)
+    logits, acts = _run(model, sequences(a, b), names, config.batch_size)
     common = {"batch_size": config.batch_size, "acts": acts}
     probe = {"folds": config.folds, "alpha": config.ridge}
     return Mul4Report(
-        accuracy=accuracy(model, a, b, config.batch_size),
-        digit_swap=digit_swap_attribution(model, a, b, seed=config.seed, batch_size=config.batch_size),
+        accuracy=accuracy(model, a, b, config.batch_size, logits=logits),
+        digit_swap=digit_swap_attribution(model, a, b, seed=config.seed, batch_size=config.batch_size, logits=logits),
         running_sums=running_sum_probes(model, a, b, **probe, **common),
         partial_products=partial_product_probes(model, a, b, **probe, **common, progress=progress),
         attention=attention_graph(model, a, b, **common),

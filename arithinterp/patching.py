@@ -248,7 +248,7 @@ class PatchResult:
         return row
 
 
-def _model_dims(model) -> tuple[int, int]:
+def model_dims(model) -> tuple[int, int]:
     return int(model.cfg.n_layers), int(model.cfg.n_heads)
 
 
@@ -309,7 +309,7 @@ def activation_patch(
     row per site with per-example metric values and normalised scores.
     """
     engine = _check_common(dataset, direction, engine, model)
-    n_layers, n_heads = _model_dims(model)
+    n_layers, n_heads = model_dims(model)
     n_pos = dataset.clean_tokens.shape[1]
     if sites is None:
         sites = sites_for(granularity, n_layers=n_layers, n_heads=n_heads, n_pos=n_pos, position=position)
@@ -343,7 +343,7 @@ def patch_components(
     position patched in; the metric (`arithinterp.metrics`) is read at the final position. The default sweep
     of `arithinterp patch`.
     """
-    n_layers, n_heads = _model_dims(model)
+    n_layers, n_heads = model_dims(model)
     components = components if components is not None else all_components(n_layers, n_heads)
     result = activation_patch(model, dataset, sites=components, metric=metric, engine=engine,
                               batch_size=batch_size, progress=progress, direction=direction)  # fmt: skip

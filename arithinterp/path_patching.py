@@ -48,9 +48,9 @@ from arithinterp.patching import (
     PatchResult,
     _check_common,
     _check_components,
-    _model_dims,
     all_components,
     cached_runs,
+    model_dims,
     run_in_batches,
     tl_runs,
 )
@@ -184,7 +184,7 @@ def path_patch(
     them) while everything else keeps its base-run value.
     """
     engine = _check_common(dataset, direction, engine, model)
-    n_layers, n_heads = _model_dims(model)
+    n_layers, n_heads = model_dims(model)
     senders = list(senders) if senders is not None else all_components(n_layers, n_heads)
     recv: list[Receiver] = []
     for r in receivers:
@@ -237,7 +237,7 @@ def patch_edges(
                        corrupted=result.corrupted, info={**result.info, "receivers": None})  # fmt: skip
 
 
-def _sender_delta(w, sender: Component, base, src) -> Tensor:
+def sender_delta(w, sender: Component, base, src) -> Tensor:
     """The sender's source-minus-base write into the residual stream: `[batch, pos, d_model]`."""
     if sender.kind == "head":
         dz = src.z[sender.layer][:, :, sender.head] - base.z[sender.layer][:, :, sender.head]
@@ -257,7 +257,7 @@ def _path_fast(model, dataset, metric_name, senders, receivers, direction, *, pr
     size = max(1, _PASS_BUDGET // per_patch)
     chunks = [list(range(i, min(i + size, len(senders)))) for i in range(0, len(senders), size)]
     for chunk in tqdm(chunks, desc="path patching", disable=not progress):
-        delta = torch.stack([_sender_delta(w, senders[i], base, src) for i in chunk])  # (patch, batch, pos, d_model)
+        delta = torch.stack([sender_delta(w, senders[i], base, src) for i in chunk])  # (patch, batch, pos, d_model)
 
         def masked(rcv: Receiver, delta=delta, chunk=chunk) -> Tensor:
             keep = torch.tensor([rcv.reads_from(senders[i]) for i in chunk], dtype=delta.dtype)
@@ -356,10 +356,7 @@ class PathGraph:
 
     def components(self) -> list[str]:
         """Every component on a kept edge, in the order found."""
-        out: list[str] = []
-        for e in self.edges:
-            out += [n for n in (e["sender"],) if n not in out]
-        return out
+        return list(dict.fromkeys(e["sender"] for e in self.edges))
 
 
 def iterative_path_patch(
@@ -385,7 +382,7 @@ def iterative_path_patch(
     """
     if threshold <= 0:
         raise ArithInterpError(f"threshold={threshold} must be > 0 (a fraction of the clean-corrupted gap, e.g. 0.1).")
-    n_layers, n_heads = _model_dims(model)
+    n_layers, n_heads = model_dims(model)
     candidates = list(senders) if senders is not None else all_components(n_layers, n_heads)
     frontier: list[Receiver] = [Receiver(kind="logits")]
     seen: set[Component] = set()

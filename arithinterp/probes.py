@@ -41,6 +41,7 @@ from jaxtyping import Float, Int
 from tqdm.auto import tqdm
 
 from arithinterp._errors import ArithInterpError
+from arithinterp.fourier import band_rows
 
 MAX_CLASSES = 20
 #: Frequencies k of cos/sin(2πkn/10) in the Fourier digit basis: periods 10, 5 and 2 (k = 5 is (-1)^n).
@@ -344,13 +345,7 @@ def probe_store(
 
 def fourier_basis(frequencies: Sequence[int] = FOURIER_FREQUENCIES, n: int = 10) -> Float[np.ndarray, "digit basis"]:
     """Columns 1, then cos and sin(2πkn/10) for each k (only cos for k = 5, where sin vanishes: (-1)^n)."""
-    d = np.arange(n)
-    cols = [np.ones(n)]
-    for k in frequencies:
-        cols.append(np.cos(2 * np.pi * k * d / n))
-        if 2 * k != n:
-            cols.append(np.sin(2 * np.pi * k * d / n))
-    return np.stack(cols, axis=1)
+    return band_rows(n, [0, *frequencies]).T.numpy()
 
 
 def full_basis(n: int = 10) -> Float[np.ndarray, "digit digit"]:

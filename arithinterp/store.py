@@ -60,8 +60,8 @@ from arithinterp._shards import (  # noqa: F401 (check_store_dir is re-exported 
     MANIFEST,
     check_store_dir,
     prepare_store_dir,
-    sha256_file,
     shard_names,
+    shard_problem,
     write_safetensors,
 )
 from arithinterp.tasks import Dataset, Example, TaskConfig, make_dataset
@@ -639,14 +639,9 @@ class ActivationStore:
     def _verify_shard(self, shard_i: int) -> None:
         if shard_i in self._verified or self.root is None:
             return
-        record = self._shards[shard_i]
-        for name, digest in ((record["file"], record["sha256"]), (record["examples_file"], record["examples_sha256"])):
-            path = self.root / name
-            if not path.is_file():
-                raise ArithInterpError(f"shard file {str(path)!r} is missing; rerun the store command to rewrite it.")
-            if sha256_file(path) != digest:
-                raise ArithInterpError(f"shard file {str(path)!r} is damaged (its sha256 does not match the "
-                                       "manifest); rerun the same store command to rewrite it.")  # fmt: skip
+        problem = shard_problem(self.root, self._shards[shard_i])
+        if problem is not None:
+            raise ArithInterpError(problem)
         self._verified.add(shard_i)
 
     def verify(self) -> None:

@@ -87,10 +87,16 @@ def encode_addition(a: Tensor, b: Tensor, digits: int) -> tuple[Int[Tensor, "bat
     return seq, 2 * digits + 3
 
 
+def random_pairs(n: int, seed: int, digits: int) -> tuple[Int[Tensor, " n"], Int[Tensor, " n"]]:
+    """`n` operand pairs (a, b), uniform in 0..10**digits - 1, from a generator seeded with `seed` (all of a first,
+    then all of b)."""
+    g = torch.Generator().manual_seed(seed)
+    hi = 10**digits
+    return torch.randint(0, hi, (n,), generator=g), torch.randint(0, hi, (n,), generator=g)
+
+
 def _held_out(cfg: TrainConfig) -> tuple[Tensor, Tensor]:
-    g = torch.Generator().manual_seed(10_000 + cfg.seed)
-    hi = 10**cfg.digits
-    return torch.randint(0, hi, (cfg.n_test,), generator=g), torch.randint(0, hi, (cfg.n_test,), generator=g)
+    return random_pairs(cfg.n_test, 10_000 + cfg.seed, cfg.digits)
 
 
 def addition_batches(cfg: TrainConfig) -> Callable[[torch.Generator], tuple[Tensor, Tensor]]:
@@ -133,16 +139,17 @@ def model_device(model) -> torch.device:
     return first.device if first is not None else torch.device("cpu")
 
 
-def resolve_device(device: str | None) -> torch.device:
-    """`device` as a torch.device ("cpu" when None), with a clear error when it is not available here."""
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """`device` (a name or a torch.device) as a torch.device ("cpu" when None), with a clear error when it is not
+    available here."""
     if device is None:
         return torch.device("cpu")
     try:
         dev = torch.device(device)
     except RuntimeError as e:
-        raise ArithInterpError(f"unknown device {device!r}; use cpu, cuda or cuda:N.") from e
+        raise ArithInterpError(f"unknown device {str(device)!r}; use cpu, cuda or cuda:N.") from e
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ArithInterpError(f"device {device!r} asked for, but this torch sees no CUDA GPU; use --device cpu.")
+        raise ArithInterpError(f"device {str(device)!r} asked for, but this torch sees no CUDA GPU; use --device cpu.")
     return dev
 
 
@@ -261,12 +268,18 @@ _MUL4_STEPS = {"mul4-icot": 30_000, "mul4-sft": 30_000, "mul4-aux": 30_000}
 
 @dataclass(frozen=True, kw_only=True)
 class TrainTask:
-    sampler: Callable[[TrainConfig], Callable[[torch.Generator], tuple[Tensor, Tensor]]]
-    evaluate: Callable[[object, TrainConfig], dict[str, float]]
-    n_positions: int
+    """A training task: either the generic loop's sampler, evaluator and position count, or its own `loop`."""
+
     description: str
     defaults: dict = field(default_factory=dict)  # TrainConfig fields that differ from its defaults
     loop: Callable[..., dict] | None = None  # a task-specific training loop (stages, extra losses); None: `train`
+    sampler: Callable[[TrainConfig], Callable[[torch.Generator], tuple[Tensor, Tensor]]] | None = None
+    evaluate: Callable[[object, TrainConfig], dict[str, float]] | None = None
+    n_positions: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.loop is None and None in (self.sampler, self.evaluate, self.n_positions):
+            raise ValueError("a TrainTask without its own loop needs sampler, evaluate and n_positions.")
 
 
 TRAIN_TASKS: dict[str, TrainTask] = {
@@ -305,7 +318,6 @@ for _name, _text in (
     ("mul4-aux", "no chain of thought + running-sum loss"),
 ):
     TRAIN_TASKS[_name] = TrainTask(
-        sampler=_mul4("final_stage_batches"), evaluate=_mul4("final_stage_eval"), n_positions=72,
         description=f"4x4-digit multiplication, least significant digit first, {_text} (arithinterp.mul4)",
         defaults=dict(_MUL4_DEFAULTS, steps=_MUL4_STEPS[_name]), loop=_mul4("train_mul4"),
     )  # fmt: skip
@@ -478,11 +490,12 @@ def finish_run(out: Path, model, log: list[dict], summary: dict) -> dict:
     return summary
 
 
-def _write_model_folder(out: Path, model) -> None:
-    """Save the model (safetensors) and tokenizer as a Hugging Face folder."""
+def _write_model_folder(out: Path, model, tokenizer=None) -> None:
+    """Save the model (safetensors) and `tokenizer` (default: the built-in character tokenizer) as a Hugging Face
+    folder, moved into `out` file by file."""
     tmp = out / ".model_tmp"
     model.save_pretrained(tmp, safe_serialization=True)
-    build_char_tokenizer().save_pretrained(tmp)
+    (build_char_tokenizer() if tokenizer is None else tokenizer).save_pretrained(tmp)
     for f in tmp.iterdir():
         f.replace(out / f.name)
     tmp.rmdir()

@@ -39,6 +39,9 @@ def run_one(task: str, out: Path, device: str, chunk: int, max_seconds: float | 
         cfg = dataclasses.replace(cfg, steps=steps)
     if stage_steps is not None:
         mul4.SCHEDULES[task] = dataclasses.replace(mul4.SCHEDULES[task], steps_per_stage=stage_steps)
+    ckpt = out / "checkpoint" / "checkpoint.pt"
+    # steps/s comes from the change in step: a chunk cut short by --max-seconds runs fewer than `chunk` steps
+    done = torch.load(ckpt, weights_only=True, map_location="cpu")["step"] if ckpt.is_file() else 0
     t0 = time.time()
     while True:
         left = None if max_seconds is None else max_seconds - (time.time() - t0)
@@ -48,14 +51,15 @@ def run_one(task: str, out: Path, device: str, chunk: int, max_seconds: float | 
         t_chunk = time.time()
         result = train_mul4(cfg, out, progress=False, max_steps_this_run=chunk, max_seconds=left, device=device)
         if result.get("finished") is False:
-            state = torch.load(out / "checkpoint" / "checkpoint.pt", weights_only=True, map_location="cpu")
+            state = torch.load(ckpt, weights_only=True, map_location="cpu")
             last = next((e for e in reversed(state["log"]) if "eval_exact_match" in e), (state["log"] or [{}])[-1])
             shown = {k: v for k, v in last.items() if k not in ("lr", "time_s")}
             print(
                 f"[{task}] step {result['step']}/{cfg.steps} stage {result['stage']}  "
-                f"{chunk / (time.time() - t_chunk):.1f} steps/s  last eval: {json.dumps(shown)}",
+                f"{(result['step'] - done) / (time.time() - t_chunk):.1f} steps/s  last eval: {json.dumps(shown)}",
                 flush=True,
             )
+            done = result["step"]
             continue
         print(f"[{task}] finished: held-out {json.dumps(result['held_out'])}; {result['train_time_s']} s", flush=True)
         return
