@@ -256,7 +256,7 @@ def mixed_exact_match(model, cfg: TrainConfig) -> dict[str, float]:
 # The generic loop
 
 
-#: TrainConfig of the multiplication models (kept equal to arithinterp.mul4.TRAIN_DEFAULTS; a test checks it).
+#: TrainConfig of the multiplication models (arithinterp.mul4.TRAIN_DEFAULTS is this dict).
 _MUL4_DEFAULTS = {
     "digits": 4, "n_layer": 2, "n_head": 4, "d_model": 256, "d_mlp": 1024, "batch_size": 512, "lr": 1e-3,
     "warmup": 100, "weight_decay": 0.01, "eval_every": 500, "checkpoint_every": 1000,
