@@ -531,9 +531,9 @@ def export_checkpoint(run: str | Path, dest: str | Path, *, n_test: int | None =
     stage = sched.stage_at(state["step"])
     _write_model_folder(dest, model)
     if state.get("aux"):
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
-        save_file(state["aux"], str(dest / "aux_heads.safetensors"))
+        atomic_write_bytes(dest / "aux_heads.safetensors", save(state["aux"]))  # atomic, like train_mul4's
     atomic_write_text(dest / "training_log.jsonl", "".join(json.dumps(e) + "\n" for e in state["log"]))
     summary = {
         "name": dest.name, "description": TASK_DESCRIPTIONS[cfg.task], "task": cfg.task, "finished": False,
