@@ -172,15 +172,15 @@ class Cache:
     final: Tensor  # [batch, pos, d_model] residual after the last block (before ln_f)
 
 
-def _attention(
+def attention(
     w: GPT2Weights,
     layer: int,
     q: Float[Tensor, "... q_pos head d_head"],
     k: Float[Tensor, "... k_pos head d_head"],
     v: Float[Tensor, "... k_pos head d_head"],
-    q_offset: int,
-) -> tuple[Tensor, Tensor]:
-    """Causal attention of queries at positions q_offset.. over keys at 0..; returns (z, pattern)."""
+    q_offset: int = 0,
+) -> tuple[Float[Tensor, "... q_pos head d_head"], Float[Tensor, "... head q_pos k_pos"]]:
+    """Causal attention of queries at positions `q_offset..` over keys at `0..`; returns (z, pattern)."""
     scores = torch.einsum("...qhd,...khd->...hqk", q, k) / math.sqrt(w.d_head)
     n_q, n_k = q.shape[-3], k.shape[-3]
     allowed = torch.arange(n_k)[None, :] <= (torch.arange(n_q)[:, None] + q_offset)  # (q_pos, k_pos)
@@ -224,7 +224,7 @@ def run_with_cache(w: GPT2Weights, tokens: Int[Tensor, "batch pos"]) -> Cache:
     for layer in range(w.n_layers):
         c.resid_pre.append(x)
         q, k, v = qkv(w, layer, x)
-        z, pattern = _attention(w, layer, q, k, v, 0)
+        z, pattern = attention(w, layer, q, k, v)
         attn_out = z_to_out(w, layer, z)
         x = x + attn_out
         c.resid_mid.append(x)
@@ -293,21 +293,9 @@ def block_suffix(
     if final_only:
         offset = start_pos + x.shape[-2] - 1
         q, x = q[..., -1:, :, :], x[..., -1:, :]
-    z, _ = _attention(w, layer, q, k, v, offset)
+    z, _ = attention(w, layer, q, k, v, offset)
     x = x + z_to_out(w, layer, z)
     return x + mlp(w, layer, x)[1]
-
-
-def attention(
-    w: GPT2Weights,
-    layer: int,
-    q: Float[Tensor, "... q_pos head d_head"],
-    k: Float[Tensor, "... k_pos head d_head"],
-    v: Float[Tensor, "... k_pos head d_head"],
-    q_offset: int = 0,
-) -> tuple[Float[Tensor, "... q_pos head d_head"], Float[Tensor, "... head q_pos k_pos"]]:
-    """Causal attention of queries at positions `q_offset..` over keys at `0..`; returns (z, pattern)."""
-    return _attention(w, layer, q, k, v, q_offset)
 
 
 def head_qkv(
@@ -340,6 +328,6 @@ def block_edges(
         parts = {"q": q, "k": k, "v": v}
         for (which, head), delta in head_in.items():
             parts[which][..., head, :] = head_qkv(w, layer, which, head, x + delta)
-    z, _ = _attention(w, layer, q, k, v, 0)
+    z, _ = attention(w, layer, q, k, v)
     mid = x + z_to_out(w, layer, z)
     return mid + mlp(w, layer, mid if mlp_in is None else mid + mlp_in)[1]

@@ -147,7 +147,7 @@ def _run_fast(
         if layer == w.n_layers - 1:  # only the final position feeds the logits
             keep = slice(-1, None)
             q, x = q[..., keep, :, :], x[..., keep, :]
-        z, _ = _gpt2._attention(w, layer, q, k, v, k.shape[-3] - q.shape[-3])  # (..., batch, pos, head, d_head)
+        z, _ = _gpt2.attention(w, layer, q, k, v, k.shape[-3] - q.shape[-3])  # (..., batch, pos, head, d_head)
         pm = pos_mask[keep]
         if head_abl[:, layer].any():
             abl = head_abl[:, layer][:, None, None, :, None] & pm[None, None, :, None, None]  # (set, 1, pos, head, 1)
@@ -179,7 +179,7 @@ def _run_fast_final(
         shape = (*k.shape[:-3], cache.k[layer].shape[1] - 1, *k.shape[-2:])
         k = torch.cat([cache.k[layer][bi, :-1].expand(shape), k], dim=-3)  # (..., batch, pos, head, d_head)
         v = torch.cat([cache.v[layer][bi, :-1].expand(shape), v], dim=-3)
-        z, _ = _gpt2._attention(w, layer, q, k, v, k.shape[-3] - 1)
+        z, _ = _gpt2.attention(w, layer, q, k, v, k.shape[-3] - 1)
         if head_abl[:, layer].any():
             z = torch.where(head_abl[:, layer][:, None, None, :, None], z_rep[layer][..., -1:, :, :], z)
         x = x + _gpt2.z_to_out(w, layer, z)

@@ -31,7 +31,7 @@ that activation. GPT-2 architecture only; use exact patching (`engine="transform
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 from jaxtyping import Float
@@ -40,13 +40,15 @@ from tqdm.auto import tqdm
 
 from arithinterp import _gpt2
 from arithinterp._errors import ArithInterpError
-from arithinterp.metrics import make_metric, spearman
+from arithinterp.metrics import spearman
 from arithinterp.patching import (
     Component,
     Direction,
     PatchResult,
+    Runs,
     _check_common,
     all_components,
+    cached_runs,
     model_dims,
     weights,
 )
@@ -109,14 +111,15 @@ def _probed_forward(
 
 
 def _gradients(
-    w, x_base: Tensor, x_src: Tensor, metric, alphas: list[float], *, edges: bool
+    w, x_base: Tensor, x_src: Tensor, read: Callable[[Tensor], Tensor], alphas: list[float], *, edges: bool
 ) -> dict[str, list[Tensor]]:
-    """Probe gradients of the summed metric, averaged over inputs `x_base + alpha * (x_src - x_base)`."""
+    """Probe gradients of the summed metric (`read`: final residual -> metric, as `Runs.read`), averaged over
+    inputs `x_base + alpha * (x_src - x_base)`."""
     total: dict[str, list[Tensor]] | None = None
     for alpha in alphas:
         with torch.enable_grad():
             final, probes = _probed_forward(w, x_base + alpha * (x_src - x_base), edges=edges)
-            value = metric(_gpt2.unembed(w, final[:, -1], metric.columns)).sum()
+            value = read(final[:, -1]).sum()
             leaves = [t for ts in probes.values() for t in ts]
             grads = torch.autograd.grad(value, leaves)
         it = iter(grads)
@@ -174,12 +177,13 @@ def attribution_patch(
     starts = range(0, len(dataset), batch_size)
     for start in tqdm(starts, desc=f"attribution ({method})", disable=not progress or len(starts) == 1):
         part = dataset.subset(list(range(start, min(start + batch_size, len(dataset)))))
-        n, e, mc, mk = _attribute_batch(w, part, metric, direction, components, edge_list, alphas,
-                                        edges=granularity == "edge", position=position)  # fmt: skip
+        runs = cached_runs(model, part, metric, direction, w=w)
+        n, e = _attribute_batch(runs, part, direction, components, edge_list, alphas, edges=granularity == "edge",
+                                position=position)  # fmt: skip
         node_rows.append(n)
         edge_rows.append(e)
-        cleans.append(mc)
-        corrs.append(mk)
+        cleans.append(runs.m_clean)
+        corrs.append(runs.m_corrupted)
     clean, corrupted = torch.cat(cleans), torch.cat(corrs)
     info = {"method": method, "direction": direction, "position": position,
             "ig_steps": ig_steps if method == "eap-ig" else None}  # fmt: skip
@@ -192,21 +196,16 @@ def attribution_patch(
     return AttributionResult(nodes=nodes, edges=edges)
 
 
-def _attribute_batch(w, dataset, metric_name, direction, components, edge_list, alphas, *, edges, position):
-    with torch.no_grad():
-        clean = _gpt2.run_with_cache(w, dataset.clean_tokens)
-        corr = _gpt2.run_with_cache(w, dataset.corrupted_tokens)
-        clean_logits = _gpt2.unembed(w, clean.final[:, -1])
-    metric = make_metric(metric_name, dataset, clean_logits=clean_logits if metric_name == "kl" else None)
-    with torch.no_grad():
-        m_clean = metric(_gpt2.unembed(w, clean.final[:, -1], metric.columns))
-        m_corr = metric(_gpt2.unembed(w, corr.final[:, -1], metric.columns))
-    base, src, m_base = (corr, clean, m_corr) if direction == "denoising" else (clean, corr, m_clean)
+def _attribute_batch(runs: Runs, dataset, direction, components, edge_list, alphas, *, edges, position):
+    """Node estimates `[component, batch]` and, with `edges`, edge estimates `[edge, batch]` (else None) on
+    one batch, from its cached runs."""
+    w, base, src = runs.w, runs.base, runs.source
+    m_base = runs.m_corrupted if direction == "denoising" else runs.m_clean
     base_tokens, src_tokens = (
         (dataset.corrupted_tokens, dataset.clean_tokens) if direction == "denoising"
         else (dataset.clean_tokens, dataset.corrupted_tokens)
     )  # fmt: skip
-    g = _gradients(w, _gpt2.embed(w, base_tokens), _gpt2.embed(w, src_tokens), metric, alphas, edges=edges)
+    g = _gradients(w, _gpt2.embed(w, base_tokens), _gpt2.embed(w, src_tokens), runs.read, alphas, edges=edges)
     with torch.no_grad():
         node_est = []
         for c in components:
@@ -218,7 +217,7 @@ def _attribute_batch(w, dataset, metric_name, direction, components, edge_list, 
             node_est.append(per_pos[:, -1] if position == "final" else per_pos.sum(-1))
         nodes = m_base + torch.stack(node_est)
         if not edges:
-            return nodes, None, m_clean, m_corr
+            return nodes, None
         senders = list(dict.fromkeys(e.sender for e in edge_list))
         writes = _writes(w, base, src, senders)  # (sender, batch, pos, d_model)
         index = {s: i for i, s in enumerate(senders)}
@@ -227,7 +226,7 @@ def _attribute_batch(w, dataset, metric_name, direction, components, edge_list, 
         est = torch.einsum("sbpm,rbpm->srb", writes, grads)  # (sender, receiver, batch)
         r_index = {r: i for i, r in enumerate(receivers)}
         edge_est = torch.stack([est[index[e.sender], r_index[e.receiver]] for e in edge_list])
-        return nodes, m_base + edge_est, m_clean, m_corr
+        return nodes, m_base + edge_est
 
 
 def _receiver_grad(g: dict[str, list[Tensor]], r: Receiver) -> Tensor:

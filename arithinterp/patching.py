@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Callable, Literal, get_args
 
 import pandas as pd
@@ -316,7 +317,7 @@ def activation_patch(
     else:
         granularity, position = "sites", "sites"  # an explicit list: each site names its own position
     _check_components(sites, n_layers, n_heads, n_pos)
-    run = _patch_fast if engine == "fast" else _patch_tl
+    run = partial(_patch_fast, w=weights(model)) if engine == "fast" else _patch_tl  # weights read once, not per batch
     clean, corrupted, patched = run_in_batches(
         dataset, batch_size, lambda part, bar: run(model, part, metric, sites, direction, progress=bar), progress
     )
@@ -383,9 +384,14 @@ class Runs:
 
 
 @torch.no_grad()
-def cached_runs(model, dataset: Dataset, metric_name: str, direction: str) -> Runs:
-    """Clean and corrupted runs of the functional GPT-2, and the metric read from a final residual."""
-    w = weights(model)
+def cached_runs(
+    model, dataset: Dataset, metric_name: str, direction: str, *, w: _gpt2.GPT2Weights | None = None
+) -> Runs:
+    """Clean and corrupted runs of the functional GPT-2, and the metric read from a final residual.
+
+    `w` is the model's `weights(model)`; pass it when calling once per batch so they are read only once.
+    """
+    w = w if w is not None else weights(model)
     clean = _gpt2.run_with_cache(w, dataset.clean_tokens)
     corr = _gpt2.run_with_cache(w, dataset.corrupted_tokens)
     clean_final_logits = _gpt2.unembed(w, clean.final[:, -1])
@@ -456,8 +462,10 @@ def _chunks(idx: list[int], starts: list[int], n_pos: int, per_pos: int) -> list
 
 
 @torch.no_grad()
-def _patch_fast(model, dataset: Dataset, metric_name: str, items: list, direction: str, *, progress: bool):
-    r = cached_runs(model, dataset, metric_name, direction)
+def _patch_fast(
+    model, dataset: Dataset, metric_name: str, items: list, direction: str, *, progress: bool, w: _gpt2.GPT2Weights
+):
+    r = cached_runs(model, dataset, metric_name, direction, w=w)
     w, base, src = r.w, r.base, r.source
     n_batch, n_pos = dataset.clean_tokens.shape
     sites = [_as_site(c, n_pos - 1) for c in items]

@@ -32,6 +32,7 @@ from __future__ import annotations
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Literal, Sequence
 
 import torch
@@ -46,6 +47,7 @@ from arithinterp.patching import (
     Direction,
     Engine,
     PatchResult,
+    Runs,
     _check_common,
     _check_components,
     all_components,
@@ -53,6 +55,7 @@ from arithinterp.patching import (
     model_dims,
     run_in_batches,
     tl_runs,
+    weights,
 )
 from arithinterp.tasks import Dataset
 
@@ -134,13 +137,14 @@ class Edge:
         return {"name": self.name, "kind": "edge", "sender": self.sender.name, "receiver": self.receiver.name}
 
 
-def parse_receivers(names: str | Sequence[str]) -> list[Receiver]:
-    """Receivers from names or a comma-separated string (`"L2H1,MLP2"`); duplicates dropped, order kept."""
+def parse_receivers(names: str | Sequence[str | Receiver]) -> list[Receiver]:
+    """Receivers from names (`Receiver.parse`), `Receiver`s, or a comma-separated string (`"L2H1,MLP2"`);
+    duplicates dropped, order kept. The one reader of receiver names, for the library and the CLI alike."""
     if isinstance(names, str):
         names = [n for n in names.split(",") if n.strip()]
     out: list[Receiver] = []
     for n in names:
-        out += [r for r in Receiver.parse(n) if r not in out]
+        out += [r for r in (Receiver.parse(n) if isinstance(n, str) else [n]) if r not in out]
     if not out:
         raise ArithInterpError("no receivers given; pass e.g. --receivers logits or --receivers L2H1.v,MLP2.")
     return out
@@ -181,27 +185,64 @@ def path_patch(
     """Path patching of each sender (default: every head and MLP) into all `receivers` at once.
 
     One row per sender: the metric when that sender's source-run write reaches the receivers (and only
-    them) while everything else keeps its base-run value.
+    them) while everything else keeps its base-run value. `receivers` takes `Receiver`s, names, or one
+    comma-separated string (`parse_receivers`).
+    """
+    senders = list(senders) if senders is not None else all_components(*model_dims(model))
+    groups = [(senders, parse_receivers(receivers))]
+    return _path_patch_groups(model, dataset, groups, direction=direction, metric=metric, engine=engine,
+                              batch_size=batch_size, progress=progress)[0]  # fmt: skip
+
+
+def _path_patch_groups(
+    model,
+    dataset: Dataset,
+    groups: list[tuple[list[Component], list[Receiver]]],
+    *,
+    direction: str,
+    metric: str,
+    engine: str,
+    batch_size: int,
+    progress: bool,
+    desc: str = "receivers",
+) -> list[PatchResult]:
+    """`path_patch` of several (senders, receivers) groups on the same prompts, one `PatchResult` per group.
+
+    Each batch's clean and corrupted runs are computed once and shared by every group, rather than once per
+    group (`patch_edges` and `iterative_path_patch` patch into many receivers one at a time).
     """
     engine = _check_common(dataset, direction, engine, model)
     n_layers, n_heads = model_dims(model)
-    senders = list(senders) if senders is not None else all_components(n_layers, n_heads)
-    recv: list[Receiver] = []
-    for r in receivers:
-        recv += [x for x in (Receiver.parse(r) if isinstance(r, str) else [r]) if x not in recv]
-    _check_components(senders, n_layers, n_heads)
-    _check_receivers(recv, n_layers, n_heads)
-    run = _path_fast if engine == "fast" else _path_tl
-    clean, corrupted, patched = run_in_batches(
-        dataset,
-        batch_size,
-        lambda part, bar: run(model, part, metric, senders, recv, direction, progress=bar),
-        progress,
-    )
-    return PatchResult(
-        components=senders, metric=metric, patched=patched, clean=clean, corrupted=corrupted,
-        info={"engine": engine, "direction": direction, "method": "path", "receivers": [r.name for r in recv]},
-    )  # fmt: skip
+    for senders, recv in groups:
+        _check_components(senders, n_layers, n_heads)
+        _check_receivers(recv, n_layers, n_heads)
+    w = weights(model) if engine == "fast" else None
+
+    def run(part: Dataset, first: bool) -> tuple[Tensor, Tensor, Tensor]:
+        if engine == "fast":
+            r = cached_runs(model, part, metric, direction, w=w)
+            clean, corrupted = r.m_clean, r.m_corrupted
+            patch = partial(_path_fast, r)
+        else:
+            runs = tl_runs(model, part, metric, direction)
+            fn, clean_logits, corr_logits = runs[:3]
+            clean, corrupted = fn(clean_logits), fn(corr_logits)
+            patch = partial(_path_tl, model, runs)
+        rows = []
+        for senders, recv in groups:
+            rows.append(patch(senders, recv, progress=first and len(groups) == 1))
+            bar.update()
+        return clean, corrupted, torch.cat(rows)  # (sender of every group, batch)
+
+    n_batches = -(-len(dataset) // max(batch_size, 1))
+    with tqdm(total=n_batches * len(groups), desc=desc, disable=not progress or len(groups) == 1) as bar:
+        clean, corrupted, patched = run_in_batches(dataset, batch_size, run, progress)
+    return [
+        PatchResult(components=list(senders), metric=metric, patched=rows.clone(), clean=clean, corrupted=corrupted,
+                    info={"engine": engine, "direction": direction, "method": "path",
+                          "receivers": [r.name for r in recv]})
+        for (senders, recv), rows in zip(groups, patched.split([len(s) for s, _ in groups]))
+    ]  # fmt: skip
 
 
 def patch_edges(
@@ -215,24 +256,23 @@ def patch_edges(
     batch_size: int = 64,
     progress: bool = True,
 ) -> PatchResult:
-    """Exact path patching of each edge on its own (one `path_patch` per receiver, all its senders batched).
+    """Exact path patching of each edge on its own (a `path_patch` per receiver, all its senders batched, the
+    clean and corrupted runs shared).
 
     The exact counterpart of edge attribution patching (`arithinterp.attribution_patching`).
     """
+    if not edges:
+        raise ArithInterpError("no edges to patch; pass at least one Edge(sender=..., receiver=...).")
     by_receiver: dict[Receiver, list[int]] = {}
     for i, e in enumerate(edges):
         by_receiver.setdefault(e.receiver, []).append(i)
-    patched = None
-    result = None
-    for rcv, idx in tqdm(by_receiver.items(), desc="edges", disable=not progress):
-        result = path_patch(model, dataset, senders=[edges[i].sender for i in idx], receivers=[rcv],
-                            direction=direction, metric=metric, engine=engine, batch_size=batch_size,
-                            progress=False)  # fmt: skip
-        if patched is None:
-            patched = torch.empty(len(edges), len(dataset))
-        patched[idx] = result.patched
-    if result is None:
-        raise ArithInterpError("no edges to patch.")
+    groups = [([edges[i].sender for i in idx], [rcv]) for rcv, idx in by_receiver.items()]
+    results = _path_patch_groups(model, dataset, groups, direction=direction, metric=metric, engine=engine,
+                                 batch_size=batch_size, progress=progress, desc="edges")  # fmt: skip
+    patched = torch.empty(len(edges), len(dataset))
+    for idx, res in zip(by_receiver.values(), results):
+        patched[idx] = res.patched
+    result = results[-1]
     return PatchResult(components=list(edges), metric=metric, patched=patched, clean=result.clean,
                        corrupted=result.corrupted, info={**result.info, "receivers": None})  # fmt: skip
 
@@ -246,10 +286,10 @@ def sender_delta(w, sender: Component, base, src) -> Tensor:
 
 
 @torch.no_grad()
-def _path_fast(model, dataset, metric_name, senders, receivers, direction, *, progress: bool):
-    r = cached_runs(model, dataset, metric_name, direction)
+def _path_fast(r: Runs, senders: list[Component], receivers: list[Receiver], *, progress: bool) -> Tensor:
+    """The metric `[sender, batch]` with each sender's write reaching `receivers` only, from cached runs `r`."""
     w, base, src = r.w, r.base, r.source
-    n_batch, n_pos = dataset.clean_tokens.shape
+    n_batch, n_pos = base.final.shape[:2]
     n_layers = w.n_layers
     start = min(n_layers if x.kind == "logits" else x.layer for x in receivers)
     values = torch.empty(len(senders), n_batch)
@@ -272,7 +312,7 @@ def _path_fast(model, dataset, metric_name, senders, receivers, direction, *, pr
         if any(x_.kind == "logits" for x_ in receivers):
             final = final + delta[..., -1, :]
         values[chunk] = r.read(final)
-    return r.m_clean, r.m_corrupted, values
+    return values
 
 
 @contextmanager
@@ -293,9 +333,10 @@ def _edge_hooks_enabled(model, need_qkv: bool, need_mlp: bool):
             model.set_use_hook_mlp_in(False)
 
 
-def _path_tl(model, dataset, metric_name, senders, receivers, direction, *, progress: bool):
-    """One bridge forward per sender, the sender's delta added in hooks at each receiver's input."""
-    fn, clean_logits, corr_logits, base_tokens, src_cache, base_cache = tl_runs(model, dataset, metric_name, direction)
+def _path_tl(model, runs: tuple, senders: list[Component], receivers: list[Receiver], *, progress: bool) -> Tensor:
+    """One bridge forward per sender, the sender's delta added in hooks at each receiver's input; `runs` is
+    `tl_runs`'s result. Returns the metric `[sender, batch]`."""
+    fn, _, _, base_tokens, src_cache, base_cache = runs
     n_layers = int(model.cfg.n_layers)
 
     def delta_of(sender: Component) -> Tensor:
@@ -317,7 +358,7 @@ def _path_tl(model, dataset, metric_name, senders, receivers, direction, *, prog
 
         return hook
 
-    values = torch.empty(len(senders), len(dataset))
+    values = torch.empty(len(senders), len(base_tokens))
     need_qkv = any(r.kind == "head" for r in receivers)
     need_mlp = any(r.kind == "mlp" for r in receivers)
     with torch.no_grad(), _edge_hooks_enabled(model, need_qkv, need_mlp):
@@ -334,7 +375,7 @@ def _path_tl(model, dataset, metric_name, senders, receivers, direction, *, prog
                 else:
                     hooks.append((f"blocks.{n_layers - 1}.hook_resid_post", add_hook(delta, None)))
             values[i] = fn(model.run_with_hooks(base_tokens, fwd_hooks=hooks))
-    return fn(clean_logits), fn(corr_logits), values
+    return values
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -391,12 +432,14 @@ def iterative_path_patch(
     rnd = 0
     while frontier and (max_rounds is None or rnd < max_rounds):
         found: list[Component] = []
-        for rcv in frontier:
-            valid = [s for s in candidates if rcv.reads_from(s)]
-            if not valid:
-                continue
-            res = path_patch(model, dataset, senders=valid, receivers=[rcv], direction=direction, metric=metric,
-                             engine=engine, batch_size=batch_size, progress=progress)  # fmt: skip
+        groups = [([s for s in candidates if rcv.reads_from(s)], [rcv]) for rcv in frontier]
+        groups = [(valid, recv) for valid, recv in groups if valid]
+        round_results = []
+        if groups:  # every receiver of the round on the same cached runs
+            round_results = _path_patch_groups(model, dataset, groups, direction=direction, metric=metric,
+                                               engine=engine, batch_size=batch_size, progress=progress,
+                                               desc=f"round {rnd}")  # fmt: skip
+        for (valid, (rcv,)), res in zip(groups, round_results):
             results[rcv.name] = res
             for s, score, eff, lo, hi in zip(valid, res.scores, res.effects, res.ci_low, res.ci_high):
                 if abs(float(eff)) >= threshold:

@@ -120,9 +120,26 @@ def test_matches_transformer_lens_direct_path_patching(wide):
         assert (mine - ref[1:].flatten()).abs().max() < 1e-4
 
 
+def test_edges_share_runs_yet_match_one_path_patch_per_receiver(wide):
+    """`patch_edges` computes each batch's runs once for all receivers; the numbers are those of separate calls."""
+    model, ds = wide
+    receivers = parse_receivers("logits,L2H1.v,MLP1")
+    senders = [Component.parse(n) for n in ("L0H0", "MLP0", "L1H2")]
+    edges = [Edge(sender=s, receiver=r) for r in receivers for s in senders if r.reads_from(s)]
+    shared = patch_edges(model, ds, edges, batch_size=5, progress=False)
+    for r in receivers:
+        idx = [i for i, e in enumerate(edges) if e.receiver == r]
+        alone = path_patch(model, ds, senders=[edges[i].sender for i in idx], receivers=[r], batch_size=5,
+                           progress=False)  # fmt: skip
+        assert torch.equal(shared.patched[idx], alone.patched)
+
+
 def test_receivers_parse_and_errors(wide):
     assert [r.name for r in Receiver.parse("L2H1")] == ["L2H1.q", "L2H1.k", "L2H1.v"]
     assert [r.name for r in parse_receivers("logits, MLP1,L0H0.k,MLP1")] == ["logits", "MLP1", "L0H0.k"]
+    assert parse_receivers([Receiver(kind="logits"), "L0H0.k", "logits"]) == parse_receivers("logits,L0H0.k")
+    with pytest.raises(ArithInterpError, match="no receivers given"):
+        parse_receivers(" , ")
     assert Receiver.parse("MLP1")[0].reads_from(Component.parse("L1H3"))  # same-layer head feeds the MLP
     assert not Receiver.parse("L1H0.q")[0].reads_from(Component.parse("L1H3"))
     with pytest.raises(ArithInterpError, match="not 'logits'"):
@@ -130,6 +147,8 @@ def test_receivers_parse_and_errors(wide):
     model, ds = wide
     with pytest.raises(ArithInterpError, match="layer 9 is out of range"):
         path_patch(model, ds, receivers=["MLP9"], progress=False)
+    with pytest.raises(ArithInterpError, match="no receivers given"):  # was a bare ValueError from min()
+        path_patch(model, ds, receivers=[], progress=False)
     with pytest.raises(ArithInterpError, match="threshold"):
         iterative_path_patch(model, ds, threshold=0.0, progress=False)
 
@@ -153,3 +172,5 @@ def test_cli_path_and_iterative(planted, tiny_model_dir, tmp_path):
     )
     assert main(["patch", "--model", str(tiny_model_dir), "--n", "4", "--out", str(tmp_path / "bad"), "--method",
                  "path", "--receivers", "L1H1.x"]) == 2  # fmt: skip
+    assert main(["patch", "--model", str(tiny_model_dir), "--n", "4", "--out", str(tmp_path / "none"), "--method",
+                 "path", "--receivers", ","]) == 2  # fmt: skip
