@@ -31,8 +31,9 @@ Axis names: `component` (a part of the decomposition), `batch`, `pos`, `d_model`
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Float, Int
@@ -43,6 +44,9 @@ from arithinterp import _gpt2
 from arithinterp._errors import ArithInterpError
 from arithinterp.metrics import mean_ci, spearman
 from arithinterp.tasks import Dataset
+
+if TYPE_CHECKING:
+    from arithinterp.fourier import FourierFilter
 
 # ---------------------------------------------------------------------------------------------------------
 # Residual decomposition
@@ -97,10 +101,20 @@ class Decomposition:
         return [p.name for p in self.parts]
 
 
-def _weights(model) -> _gpt2.GPT2Weights:
+def gpt2_weights(
+    model, weights: _gpt2.GPT2Weights | None = None, *, what: str = "direct logit attribution"
+) -> _gpt2.GPT2Weights:
+    """`weights` when the caller already holds them, else the model's weights read afresh (a full copy: about
+    340 MB for GPT-2 small, so an analysis reads them once and passes them down).
+
+    Every attribution and Fourier path comes here rather than to `_gpt2.extract_weights`, so that a model of
+    another architecture is refused with a message about `what` was asked, not about the patching engine.
+    """
+    if weights is not None:
+        return weights
     if not _gpt2.supports(model):
         raise ArithInterpError(
-            "direct logit attribution is implemented for GPT-2-architecture models; "
+            f"{what} is implemented for GPT-2-architecture models; "
             f"{type(_gpt2.hf_model(model)).__name__} is not one - pass a GPT-2 model."
         )
     return _gpt2.extract_weights(model)
@@ -125,13 +139,16 @@ def decompose_residual(
     neurons: bool = False,
     batch_size: int = 64,
     progress: bool = False,
+    weights: _gpt2.GPT2Weights | None = None,
 ) -> Decomposition:
     """Run `model` on `tokens` (transformer-lens hooks) and split the residual at position `pos` into parts.
 
     Heads are `z[pos, h] @ W_O[h]` from `blocks.L.attn.hook_z`; the attention output bias is its own part;
-    MLPs are `blocks.L.hook_mlp_out`. The scale is `ln_final.hook_scale` of the same run.
+    MLPs are `blocks.L.hook_mlp_out`. The scale is `ln_final.hook_scale` of the same run. Pass the model's
+    `weights` (`gpt2_weights`) when you already hold them.
     """
-    return decompose_positions(model, tokens, [pos], neurons=neurons, batch_size=batch_size, progress=progress)[0]
+    return decompose_positions(model, tokens, [pos], neurons=neurons, batch_size=batch_size, progress=progress,
+                               weights=weights)[0]  # fmt: skip
 
 
 @torch.no_grad()
@@ -143,10 +160,11 @@ def decompose_positions(
     neurons: bool = False,
     batch_size: int = 64,
     progress: bool = False,
+    weights: _gpt2.GPT2Weights | None = None,
 ) -> list[Decomposition]:
     """`decompose_residual` at several positions from one run (e.g. every answer digit of a teacher-forced
     answer)."""
-    w = _weights(model)
+    w = gpt2_weights(model, weights)
     n_layers = w.n_layers
     wanted = _hook_names(n_layers, neurons)
     idx = torch.tensor(positions)
@@ -315,16 +333,18 @@ def direct_logit_attribution(
     decomposition: Decomposition | None = None,
     batch_size: int = 64,
     progress: bool = False,
+    weights: _gpt2.GPT2Weights | None = None,
 ) -> DLAResult:
     """DLA of every part of the final-position residual on the clean prompts of `dataset`.
 
     Returns contributions to the answer logit, to the logit difference (answer - counterfactual answer,
     when the dataset has one), and optionally to each token of `token_set`; with `neurons=True` also per MLP
-    neuron. Pass a `decomposition` of `dataset.clean_tokens` to reuse one run.
+    neuron. Pass a `decomposition` of `dataset.clean_tokens` to reuse one run, and the model's `weights`
+    (`gpt2_weights`) to reuse one copy of them.
     """
-    w = _weights(model)
+    w = gpt2_weights(model, weights)
     d = decomposition or decompose_residual(model, dataset.clean_tokens, neurons=neurons, batch_size=batch_size,
-                                            progress=progress)  # fmt: skip
+                                            progress=progress, weights=w)  # fmt: skip
     if neurons and d.mlp_post is None:
         raise ArithInterpError("neurons=True needs a decomposition made with neurons=True.")
     batch = torch.arange(len(dataset))
@@ -385,10 +405,12 @@ class LogitLens:
 
 
 @torch.no_grad()
-def logit_lens(model, dataset: Dataset, *, decomposition: Decomposition | None = None) -> LogitLens:
+def logit_lens(
+    model, dataset: Dataset, *, decomposition: Decomposition | None = None, weights: _gpt2.GPT2Weights | None = None
+) -> LogitLens:
     """The answer's rank and probability (and the logit difference) after every attention layer and MLP."""
-    w = _weights(model)
-    d = decomposition or decompose_residual(model, dataset.clean_tokens)
+    w = gpt2_weights(model, weights)
+    d = decomposition or decompose_residual(model, dataset.clean_tokens, weights=w)
     batch = torch.arange(len(dataset))
     has_cf = dataset.has_counterfactual_answer
     rank, prob, diff = [], [], []
@@ -441,12 +463,13 @@ class AttributeConfig:
     top_neurons: int = 20  # how many neurons the record lists
     compare_patching: bool = False  # run activation patching and report the rank agreement
     max_numbers: int | None = None  # cap on the number axis (GPT-2: 0..361 by default)
+    parsed_filters: tuple[FourierFilter, ...] = field(init=False, repr=False, compare=False)  # `filters`, parsed once
 
     def __post_init__(self) -> None:
         from arithinterp.fourier import FourierFilter
 
-        for spec in self.filters:
-            FourierFilter.parse(spec)  # raises a one-line error naming the bad spec
+        # parsing raises a one-line error naming the bad spec
+        object.__setattr__(self, "parsed_filters", tuple(FourierFilter.parse(spec) for spec in self.filters))
         if self.top_neurons < 1:
             raise ArithInterpError(f"top_neurons={self.top_neurons} must be >= 1.")
 
@@ -494,28 +517,47 @@ class AttributionReport:
         return out
 
 
+@contextmanager
+def _pinned_weights(model, w: _gpt2.GPT2Weights):
+    """Let the patching engine use `w` instead of reading its own copy (`patching.weights` looks for weights a
+    caller pinned on the model); a pin the caller made stays theirs."""
+    if getattr(model, "_arithinterp_w", None) is not None:
+        yield
+        return
+    model._arithinterp_w = w
+    try:
+        yield
+    finally:
+        del model._arithinterp_w
+
+
 def attribute(model, dataset: Dataset, config: AttributeConfig | None = None, *, progress: bool = True):
     """DLA (answer logit and logit difference), logit lens and, as configured, Fourier spectra, Fourier
-    filters and the agreement with activation patching, on `dataset`'s clean prompts."""
+    filters and the agreement with activation patching, on `dataset`'s clean prompts.
+
+    The model's weights are read once and shared by every analysis; every filter is checked against the
+    model (its layers) and the number axis (its band) before the first forward pass.
+    """
     from arithinterp import fourier
 
     config = config or AttributeConfig()
-    filters = [fourier.FourierFilter.parse(s) for s in config.filters]
+    filters = config.parsed_filters
     for f in filters:  # fail before any work
-        bad = [layer for layer in f.layers or () if not 0 <= layer < model.cfg.n_layers]
-        if bad:
-            raise ArithInterpError(f"filter {f.name}: layer {bad[0]} is out of range 0..{model.cfg.n_layers - 1}.")
-    d = decompose_residual(model, dataset.clean_tokens, neurons=config.neurons, progress=progress)
-    dla = direct_logit_attribution(model, dataset, neurons=config.neurons, decomposition=d)
-    metric = "logit_diff" if dla.logit_diff is not None else "answer_logit"
-    report = AttributionReport(metric=metric, dla=dla, lens=logit_lens(model, dataset, decomposition=d),
-                               top_neurons=config.top_neurons)  # fmt: skip
+        f.layers_in(model.cfg.n_layers)
+    w = gpt2_weights(model)
     numbers = None
-    if config.fourier or config.filters:
+    if config.fourier or filters:
         numbers = fourier.number_tokens(model.tokenizer, max_n=config.max_numbers)
+    for f in filters:
+        f.frequencies(numbers)  # a band that does not fit the number axis
+    d = decompose_residual(model, dataset.clean_tokens, neurons=config.neurons, progress=progress, weights=w)
+    dla = direct_logit_attribution(model, dataset, neurons=config.neurons, decomposition=d, weights=w)
+    metric = "logit_diff" if dla.logit_diff is not None else "answer_logit"
+    report = AttributionReport(metric=metric, dla=dla, lens=logit_lens(model, dataset, decomposition=d, weights=w),
+                               top_neurons=config.top_neurons)  # fmt: skip
     if config.fourier:
-        report.spectra = fourier.spectra_of_decomposition(model, d, numbers=numbers)
-        report.embedding = fourier.embedding_spectrum(model, numbers=numbers)
+        report.spectra = fourier.spectra_of_decomposition(model, d, numbers=numbers, weights=w)
+        report.embedding = fourier.embedding_spectrum(model, numbers=numbers, weights=w)
         answer = numbers.index_of(dataset.answer_ids)
         if (answer >= 0).any():
             sites = [n for n in report.spectra.names if not n.startswith("L") and not n.startswith("attn_bias")]
@@ -523,10 +565,12 @@ def attribute(model, dataset: Dataset, config: AttributeConfig | None = None, *,
         if dataset.token_set is None:
             report.answer_digits = fourier.answer_digit_spectra(model, dataset, numbers=numbers)
     if filters:
-        report.filters = fourier.evaluate_filters(model, dataset, filters, numbers=numbers, progress=progress)
+        report.filters = fourier.evaluate_filters(model, dataset, list(filters), numbers=numbers, progress=progress,
+                                                  weights=w)  # fmt: skip
     if config.compare_patching:
         from arithinterp.patching import patch_components
 
-        patch = patch_components(model, dataset, metric=metric, progress=progress)
+        with _pinned_weights(model, w):
+            patch = patch_components(model, dataset, metric=metric, progress=progress)
         report.agreement = rank_agreement(dla, patch, metric)
     return report

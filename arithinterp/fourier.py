@@ -43,10 +43,13 @@ from arithinterp.attribution import (
     Decomposition,
     decompose_residual,
     effective_unembed,
+    gpt2_weights,
     part_contributions,
 )
 from arithinterp.tasks import Dataset
 from arithinterp.tokenizer import is_char_tokenizer
+
+_WHAT = "Fourier analysis over number tokens"  # what a non-GPT-2 model is told it cannot have
 
 # ---------------------------------------------------------------------------------------------------------
 # The number axis
@@ -324,20 +327,25 @@ def component_spectra(
     *,
     numbers: NumberTokens | None = None,
     decomposition: Decomposition | None = None,
+    weights: _gpt2.GPT2Weights | None = None,
 ) -> ComponentSpectra:
     """Spectra of what every part of the final-position residual writes to the number-token logits.
 
-    Pass a `decomposition` of `dataset.clean_tokens` to reuse one run.
+    Pass a `decomposition` of `dataset.clean_tokens` to reuse one run, and the model's `weights`
+    (`attribution.gpt2_weights`) to reuse one copy of them.
     """
-    d = decomposition or decompose_residual(model, dataset.clean_tokens)
-    return spectra_of_decomposition(model, d, numbers=numbers)
+    w = gpt2_weights(model, weights, what=_WHAT)
+    d = decomposition or decompose_residual(model, dataset.clean_tokens, weights=w)
+    return spectra_of_decomposition(model, d, numbers=numbers, weights=w)
 
 
 @torch.no_grad()
-def spectra_of_decomposition(model, d: Decomposition, *, numbers: NumberTokens | None = None) -> ComponentSpectra:
+def spectra_of_decomposition(
+    model, d: Decomposition, *, numbers: NumberTokens | None = None, weights: _gpt2.GPT2Weights | None = None
+) -> ComponentSpectra:
     """`component_spectra` of an existing residual decomposition (any prompts, any position)."""
     numbers = numbers or number_tokens(model.tokenizer)
-    w = _gpt2.extract_weights(model)
+    w = gpt2_weights(model, weights, what=_WHAT)
     contrib = part_contributions(d, w, numbers.ids)  # (component incl. ln_final.b, batch, number)
     names, signals = _grouped_signals(d, contrib[:-1])
     signals[-1] += contrib[-1]  # the final logits include the layer-norm bias
@@ -345,11 +353,13 @@ def spectra_of_decomposition(model, d: Decomposition, *, numbers: NumberTokens |
 
 
 @torch.no_grad()
-def embedding_spectrum(model, *, numbers: NumberTokens | None = None) -> dict[str, Spectrum]:
+def embedding_spectrum(
+    model, *, numbers: NumberTokens | None = None, weights: _gpt2.GPT2Weights | None = None
+) -> dict[str, Spectrum]:
     """Spectra of the number tokens' embedding rows `W_E[ids]` and unembedding columns `W_U[:, ids]`, each
     d_model coordinate a signal along the number axis, power averaged over d_model."""
     numbers = numbers or number_tokens(model.tokenizer)
-    w = _gpt2.extract_weights(model)
+    w = gpt2_weights(model, weights, what=_WHAT)
     return {"W_E": spectrum(w.W_E[numbers.ids].T), "W_U": spectrum(w.W_U[:, numbers.ids])}
 
 
@@ -389,14 +399,24 @@ class FourierFilter:
         layers = tuple(int(x) for x in m[2].split(",") if x) or None
         return cls(site=m[1], band=m[3], layers=layers)  # type: ignore[arg-type]
 
-    def hooks(self, model, numbers: NumberTokens) -> list[tuple[str, Any]]:
-        """transformer-lens forward hooks that apply the filter at every position."""
-        w = _gpt2.extract_weights(model)
-        layers = self.layers if self.layers is not None else tuple(range(w.n_layers))
+    def layers_in(self, n_layers: int) -> tuple[int, ...]:
+        """The layers filtered in a model of `n_layers` layers; a layer it does not have is an error."""
+        layers = self.layers if self.layers is not None else tuple(range(n_layers))
         for layer in layers:
-            if not 0 <= layer < w.n_layers:
-                raise ArithInterpError(f"filter {self.name}: layer {layer} is out of range 0..{w.n_layers - 1}.")
-        freqs = band_frequencies(numbers.n, self.band)
+            if not 0 <= layer < n_layers:
+                raise ArithInterpError(f"filter {self.name}: layer {layer} is out of range 0..{n_layers - 1}.")
+        return layers
+
+    def frequencies(self, numbers: NumberTokens) -> list[int]:
+        """The frequencies removed on the number axis `numbers`; a band that does not fit it is an error."""
+        return band_frequencies(numbers.n, self.band)
+
+    def hooks(self, model, numbers: NumberTokens, *, weights: _gpt2.GPT2Weights | None = None) -> list[tuple[str, Any]]:
+        """transformer-lens forward hooks that apply the filter at every position (pass the model's `weights`
+        to reuse one copy of them)."""
+        w = gpt2_weights(model, weights, what=_WHAT)
+        layers = self.layers_in(w.n_layers)
+        freqs = self.frequencies(numbers)
         proj = band_projector(effective_unembed(w, numbers.ids), freqs)  # (d_model, d_model), symmetric
 
         def hook(x: Tensor, hook=None) -> Tensor:
@@ -470,11 +490,13 @@ def evaluate_filters(
     numbers: NumberTokens | None = None,
     include_baseline: bool = True,
     progress: bool = False,
+    weights: _gpt2.GPT2Weights | None = None,
 ) -> list[FilterResult]:
     """Greedy-decode every example's whole answer with each filter active (and without, as a baseline).
 
     The prompt is the clean prompt without any teacher-forced answer tokens, so every answer token is the
-    model's own; the errors are predicted minus true answer.
+    model's own; the errors are predicted minus true answer. Every filter is checked against the model and
+    the number axis before the first decode.
     """
     if dataset.token_set is not None or any("result" not in e.meta for e in dataset.examples):
         raise ArithInterpError("Fourier filters need an arithmetic task (add, sub, mul, div) with a numeric result.")
@@ -484,10 +506,13 @@ def evaluate_filters(
     prompts = dataset.clean_tokens[:, : dataset.clean_tokens.shape[1] - k]
     truth = [tok.encode(e.full_answer, add_special_tokens=False) for e in dataset.examples]
     n_tokens = max(len(t) for t in truth)
+    w = gpt2_weights(model, weights, what=_WHAT) if filters else None
+    todo: list[tuple[str, list[int], Any]] = [("none", [], ())] if include_baseline else []  # (name, freqs, hooks)
+    for f in filters:
+        hooks = f.hooks(model, numbers, weights=w)  # checks the layers, then the band
+        todo.append((f.name, f.frequencies(numbers), hooks))
     results = []
-    todo: list[FourierFilter | None] = ([None] if include_baseline else []) + list(filters)
-    for f in tqdm(todo, desc="filters", disable=not progress):
-        hooks = f.hooks(model, numbers) if f is not None else ()
+    for name, freqs, hooks in tqdm(todo, desc="filters", disable=not progress):
         out = greedy_decode(model, prompts, n_tokens, fwd_hooks=hooks)
         errors, exact, right, total = [], 0, 0, 0
         for i, (ex, t) in enumerate(zip(dataset.examples, truth)):
@@ -497,10 +522,8 @@ def evaluate_filters(
             exact += pred == t
             right += sum(p == q for p, q in zip(pred, t))
             total += len(t)
-        results.append(FilterResult(
-            name=f.name if f is not None else "none", freqs=band_frequencies(numbers.n, f.band) if f else [],
-            accuracy=exact / len(dataset), token_accuracy=right / total, errors=errors,
-        ))  # fmt: skip
+        results.append(FilterResult(name=name, freqs=freqs, accuracy=exact / len(dataset), token_accuracy=right / total,
+                                    errors=errors))  # fmt: skip
     return results
 
 

@@ -17,6 +17,33 @@ def _diverging_range(values) -> float:
     return max(finite + [1e-6])
 
 
+def _layer_head_figure(
+    heads: list[list[float]], side: list[list[float]], *, side_x: list[str], head_text: list[list[str]],
+    side_text: list[list[str]], colorbar: str, subplot_titles: tuple[str, str], side_width: int, title: str,
+    margin: tuple[int, int], layer_title: str | None,
+) -> go.Figure:  # fmt: skip
+    """The layout the layer × head figures share: the heads' heatmap `heads[layer][head]` on the left, the
+    per-layer columns `side[layer][column]` (MLPs, ...) on the right, both on one diverging colour scale
+    symmetric around 0 (so signs read the same everywhere), layer 0 at the top, hover text from `head_text`
+    and `side_text`, the layer axis titled `layer_title`. The figure is `margin` (width, height) plus 60 px
+    per head and 45 px per layer.
+    """
+    n_layers, n_heads = len(heads), len(heads[0])
+    vmax = _diverging_range([v for row in heads + side for v in row])
+    fig = make_subplots(rows=1, cols=2, column_widths=[n_heads, side_width], horizontal_spacing=0.06,
+                        subplot_titles=subplot_titles)  # fmt: skip
+    common = dict(colorscale="RdBu", zmid=0, zmin=-vmax, zmax=vmax, hoverinfo="text")
+    ys = [f"L{layer}" for layer in range(n_layers)]
+    fig.add_trace(go.Heatmap(z=heads, x=[f"H{h}" for h in range(n_heads)], y=ys, text=head_text,
+                             colorbar=dict(title=colorbar), **common), 1, 1)  # fmt: skip
+    fig.add_trace(go.Heatmap(z=side, x=side_x, y=ys, text=side_text, showscale=False, **common), 1, 2)
+    for col in (1, 2):
+        fig.update_yaxes(autorange="reversed", title_text=layer_title if col == 1 else None, row=1, col=col)
+    fig.update_layout(title=title, template="plotly_white", width=margin[0] + 60 * n_heads,
+                      height=margin[1] + 45 * n_layers)  # fmt: skip
+    return fig
+
+
 def patching_heatmap(result, n_layers: int, n_heads: int, *, title: str) -> go.Figure:
     """Layer × head heatmap of normalised patching scores, with the MLP row beside it.
 
@@ -26,27 +53,18 @@ def patching_heatmap(result, n_layers: int, n_heads: int, *, title: str) -> go.F
     grid = result.head_grid(n_layers, n_heads).tolist()
     mlp = result.mlp_row(n_layers).tolist()
     ci = {c.name: (float(lo), float(hi)) for c, lo, hi in zip(result.components, result.ci_low, result.ci_high)}
-    vmax = _diverging_range([v for row in grid for v in row] + mlp)
 
     def text(name: str, value: float) -> str:
         lo, hi = ci.get(name, (float("nan"), float("nan")))
         return f"{name}<br>score {value:.3f}<br>95% CI [{lo:.3f}, {hi:.3f}]"
 
-    head_text = [[text(f"L{layer}H{h}", grid[layer][h]) for h in range(n_heads)] for layer in range(n_layers)]
-    mlp_text = [[text(f"MLP{layer}", mlp[layer])] for layer in range(n_layers)]
-    fig = make_subplots(
-        rows=1, cols=2, column_widths=[n_heads, max(1, n_heads // 4)], horizontal_spacing=0.06,
-        subplot_titles=("attention heads (hook_z)", "MLPs"),
+    fig = _layer_head_figure(
+        grid, [[v] for v in mlp], side_x=["MLP"], colorbar="score", side_width=max(1, n_heads // 4),
+        head_text=[[text(f"L{layer}H{h}", grid[layer][h]) for h in range(n_heads)] for layer in range(n_layers)],
+        side_text=[[text(f"MLP{layer}", mlp[layer])] for layer in range(n_layers)],
+        subplot_titles=("attention heads (hook_z)", "MLPs"), title=title, margin=(300, 200), layer_title="layer",
     )  # fmt: skip
-    common = dict(colorscale="RdBu", zmid=0, zmin=-vmax, zmax=vmax, hoverinfo="text")
-    fig.add_trace(go.Heatmap(z=grid, x=[f"H{h}" for h in range(n_heads)], y=[f"L{layer}" for layer in range(n_layers)],
-                             text=head_text, colorbar=dict(title="score"), **common), 1, 1)  # fmt: skip
-    fig.add_trace(go.Heatmap(z=[[v] for v in mlp], x=["MLP"], y=[f"L{layer}" for layer in range(n_layers)],
-                             text=mlp_text, showscale=False, **common), 1, 2)  # fmt: skip
-    for col in (1, 2):
-        fig.update_yaxes(autorange="reversed", title_text="layer" if col == 1 else None, row=1, col=col)
     fig.update_xaxes(title_text="head", row=1, col=1)
-    fig.update_layout(title=title, template="plotly_white", width=300 + 60 * n_heads, height=200 + 45 * n_layers)
     return fig
 
 
@@ -67,34 +85,29 @@ def write_html(path: str | Path, figures: list[go.Figure], *, title: str, header
 # Direct logit attribution, logit lens, Fourier spectra, Fourier-filter errors (arithinterp.attribution/.fourier)
 
 
-def dla_heatmap(dla, n_layers: int, n_heads: int, *, metric: str = "logit_diff", title: str) -> go.Figure:
+def dla_heatmap(
+    dla, n_layers: int, n_heads: int, *, metric: str = "logit_diff", title: str, ranked: list[dict] | None = None
+) -> go.Figure:
     """Layer × head heatmap of the mean direct logit attribution, with the MLP and attention-bias columns.
 
     Diverging colours around 0 with a symmetric range; hover shows the mean and its 95% bootstrap interval.
+    Pass `ranked`, the records of `dla.ranked(metric)` (attribute.json's `components`), when you have them:
+    the figure then shows the same bootstrap instead of running another (`dla` may then be None).
     """
-    recs = {r["name"]: r for r in dla.ranked(metric)}
+    recs = {r["name"]: r for r in (ranked if ranked is not None else dla.ranked(metric))}
     grid = [[recs[f"L{layer}H{h}"]["mean"] for h in range(n_heads)] for layer in range(n_layers)]
     side = [[recs[f"MLP{layer}"]["mean"], recs[f"attn_bias{layer}"]["mean"]] for layer in range(n_layers)]
-    vmax = _diverging_range([v for row in grid + side for v in row])
 
     def text(name: str) -> str:
         r = recs[name]
         return f"{name}<br>mean {r['mean']:.3f}<br>95% CI [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}]"
 
-    fig = make_subplots(rows=1, cols=2, column_widths=[n_heads, 2], horizontal_spacing=0.06,
-                        subplot_titles=("attention heads", "MLP, attn bias"))  # fmt: skip
-    common = dict(colorscale="RdBu", zmid=0, zmin=-vmax, zmax=vmax, hoverinfo="text")
-    ys = [f"L{layer}" for layer in range(n_layers)]
-    fig.add_trace(go.Heatmap(z=grid, x=[f"H{h}" for h in range(n_heads)], y=ys, colorbar=dict(title="DLA"),
-                             text=[[text(f"L{ly}H{h}") for h in range(n_heads)] for ly in range(n_layers)],
-                             **common), 1, 1)  # fmt: skip
-    fig.add_trace(go.Heatmap(z=side, x=["MLP", "attn bias"], y=ys, showscale=False,
-                             text=[[text(f"MLP{ly}"), text(f"attn_bias{ly}")] for ly in range(n_layers)],
-                             **common), 1, 2)  # fmt: skip
-    for col in (1, 2):
-        fig.update_yaxes(autorange="reversed", title_text="layer" if col == 1 else None, row=1, col=col)
-    fig.update_layout(title=title, template="plotly_white", width=360 + 60 * n_heads, height=220 + 45 * n_layers)
-    return fig
+    return _layer_head_figure(
+        grid, side, side_x=["MLP", "attn bias"], colorbar="DLA", side_width=2,
+        head_text=[[text(f"L{ly}H{h}") for h in range(n_heads)] for ly in range(n_layers)],
+        side_text=[[text(f"MLP{ly}"), text(f"attn_bias{ly}")] for ly in range(n_layers)],
+        subplot_titles=("attention heads", "MLP, attn bias"), title=title, margin=(360, 220), layer_title="layer",
+    )  # fmt: skip
 
 
 def residual_decomposition_bar(groups: list[dict], *, title: str, yaxis: str = "DLA") -> go.Figure:
@@ -182,21 +195,18 @@ def circuit_scores_figure(circuit, n_layers: int, n_heads: int, *, title: str) -
     """Layer × head heatmap (plus the MLP column) of every component's score; the chosen circuit is boxed."""
     grid = [[circuit.scores.get(f"L{layer}H{h}", float("nan")) for h in range(n_heads)] for layer in range(n_layers)]
     mlp = [[circuit.scores.get(f"MLP{layer}", float("nan"))] for layer in range(n_layers)]
-    vmax = _diverging_range([v for row in grid + mlp for v in row])
     chosen = set(circuit.names)
-    fig = make_subplots(rows=1, cols=2, column_widths=[n_heads, max(1, n_heads // 4)], horizontal_spacing=0.06,
-                        subplot_titles=("attention heads", "MLPs"))  # fmt: skip
-    common = dict(colorscale="RdBu", zmid=0, zmin=-vmax, zmax=vmax, hoverinfo="text")
     ys = [f"L{layer}" for layer in range(n_layers)]
 
     def text(name: str, v: float) -> str:
         return f"{name}<br>score {v:.3f}" + ("<br><b>in circuit</b>" if name in chosen else "")
 
-    fig.add_trace(go.Heatmap(z=grid, x=[f"H{h}" for h in range(n_heads)], y=ys, colorbar=dict(title="score"),
-                             text=[[text(f"L{ly}H{h}", grid[ly][h]) for h in range(n_heads)] for ly in range(n_layers)],
-                             **common), 1, 1)  # fmt: skip
-    mlp_text = [[text(f"MLP{ly}", mlp[ly][0])] for ly in range(n_layers)]
-    fig.add_trace(go.Heatmap(z=mlp, x=["MLP"], y=ys, showscale=False, text=mlp_text, **common), 1, 2)
+    fig = _layer_head_figure(
+        grid, mlp, side_x=["MLP"], colorbar="score", side_width=max(1, n_heads // 4),
+        head_text=[[text(f"L{ly}H{h}", grid[ly][h]) for h in range(n_heads)] for ly in range(n_layers)],
+        side_text=[[text(f"MLP{ly}", mlp[ly][0])] for ly in range(n_layers)],
+        subplot_titles=("attention heads", "MLPs"), title=title, margin=(360, 220), layer_title=None,
+    )  # fmt: skip
     marker = dict(symbol="square-open", size=26, color="black", line=dict(width=3))
     heads = [c for c in circuit.components if c.kind == "head"]
     mlps = [c for c in circuit.components if c.kind == "mlp"]
@@ -204,9 +214,8 @@ def circuit_scores_figure(circuit, n_layers: int, n_heads: int, *, title: str) -
                              marker=marker, name="circuit", hoverinfo="skip"), 1, 1)  # fmt: skip
     fig.add_trace(go.Scatter(x=["MLP"] * len(mlps), y=[f"L{c.layer}" for c in mlps], mode="markers", marker=marker,
                              showlegend=False, hoverinfo="skip"), 1, 2)  # fmt: skip
-    for col in (1, 2):
-        fig.update_yaxes(autorange="reversed", categoryorder="array", categoryarray=ys, row=1, col=col)
-    fig.update_layout(title=title, template="plotly_white", width=360 + 60 * n_heads, height=220 + 45 * n_layers)
+    for col in (1, 2):  # the boxes must not reorder the layers
+        fig.update_yaxes(categoryorder="array", categoryarray=ys, row=1, col=col)
     return fig
 
 

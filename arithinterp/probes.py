@@ -308,6 +308,28 @@ def probe_store(
     config: ProbeConfig | None = None, progress: bool = True,
 ) -> ProbeResult:  # fmt: skip
     """Probe `target` at every chosen hook and position of `store` (default: all stored)."""
+    return _probe_store(store, target, hooks=hooks, positions=positions, config=config, progress=progress)[0]
+
+
+@dataclass(kw_only=True)
+class _Read:
+    """What `probe_report` needs of the arrays `probe_store` read, kept so that the store is read once.
+
+    Only small things are kept, not every hook's activations: the features at the best-scoring (hook,
+    position), and for a digit target (every digit 0..9 present) the per-digit mean of each (hook, position),
+    None where the features are the same for every example.
+    """
+
+    y: np.ndarray  # the target on the probed rows (`probe_rows`)
+    best: np.ndarray | None = None  # [example, feature] at `ProbeResult.best()`
+    digit_means: dict[tuple[int, int], np.ndarray | None] = field(default_factory=dict)  # (hook, pos) -> [digit, d]
+
+
+def _probe_store(
+    store, target: str, *, hooks: Sequence[str] | None, positions: Sequence[int] | None,
+    config: ProbeConfig | None, progress: bool,
+) -> tuple[ProbeResult, _Read]:  # fmt: skip
+    """`probe_store`, and what `probe_report` needs of the arrays it read."""
     config = config or ProbeConfig()
     y_all = target_values(store, target)
     hooks = list(hooks) if hooks is not None else store.hooks
@@ -315,6 +337,9 @@ def probe_store(
     rows = probe_rows(store.n, config)
     y = y_all[rows]
     kind = target_kind(y, config.kind)
+    read = _Read(y=y)
+    is_digit = kind == "classification" and set(np.unique(y).tolist()) == set(range(10))
+    best_score = None  # the first largest score, ignoring NaN, as ProbeResult.best picks it (np.nanargmax)
     shape = (len(hooks), len(positions))
     score, std = np.full(shape, np.nan), np.full(shape, np.nan)
     control = {c: np.full(shape, np.nan) for c in config.controls}
@@ -330,13 +355,18 @@ def probe_store(
                 score[h, p], std[h, p], chance = s.score, s.std, s.chance
                 for c, v in s.control.items():
                     control[c][h, p] = v
+                if not np.isnan(s.score) and (best_score is None or s.score > best_score):
+                    best_score, read.best = s.score, np.ascontiguousarray(X)  # not a view into every position
+                if is_digit:
+                    read.digit_means[h, p] = None if np.allclose(X, X[0]) else digit_means(X, y)
                 bar.update(1)
     classes = sorted(int(c) for c in np.unique(y)) if kind == "classification" else []
-    return ProbeResult(target=target, kind=kind, metric="accuracy" if kind == "classification" else "r2",
-                       hooks=hooks, positions=positions,
-                       position_labels=[labels[store.positions.index(p)] for p in positions], score=score,
-                       std=std, control=control, chance=chance, n_examples=len(rows), config=config,
-                       classes=classes)  # fmt: skip
+    result = ProbeResult(target=target, kind=kind, metric="accuracy" if kind == "classification" else "r2",
+                         hooks=hooks, positions=positions,
+                         position_labels=[labels[store.positions.index(p)] for p in positions], score=score,
+                         std=std, control=control, chance=chance, n_examples=len(rows), config=config,
+                         classes=classes)  # fmt: skip
+    return result, read
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -528,7 +558,7 @@ def probe_report(
     target reads best. PCA: the activations at the best hook and position, coloured by the target.
     """
     config = config or ProbeConfig()
-    result = probe_store(store, target, hooks=hooks, positions=positions, config=config, progress=progress)
+    result, read = _probe_store(store, target, hooks=hooks, positions=positions, config=config, progress=progress)
     best = result.best()
     fourier: dict[str, FourierFit] = {}
     pca_digits = None
@@ -540,18 +570,13 @@ def probe_report(
         if emb is not None:
             fourier["embedding"] = fourier_fit(emb)
             pca_digits = pca(emb)
-    y = target_values(store, target)
-    rows = probe_rows(store.n, config)
-    is_digit = result.kind == "classification" and set(np.unique(y[rows]).tolist()) == set(range(10))
-    if is_digit:
-        for hook in result.hooks:
-            X = store.get(hook, positions=[best["position"]], examples=rows).reshape(len(rows), -1).float().numpy()
-            if not np.allclose(X, X[0]):
-                fourier[f"{hook_label(hook)}@{best['position']}"] = fourier_fit(digit_means(X, y[rows]))
-    X = store.get(best["hook"], positions=[best["position"]], examples=rows).reshape(len(rows), -1).float().numpy()
-    coords, explained = pca(X)
+    p = result.positions.index(best["position"])
+    for h, hook in enumerate(result.hooks):  # digit targets only; None: the same features for every example
+        if (means := read.digit_means.get((h, p))) is not None:
+            fourier[f"{hook_label(hook)}@{best['position']}"] = fourier_fit(means)
+    coords, explained = pca(read.best)
     return ProbeReport(result=result, threshold=threshold, fourier=fourier,
-                       pca_examples=(coords, y[rows], explained, {"hook": best["hook"], "position": best["position"]}),
+                       pca_examples=(coords, read.y, explained, {"hook": best["hook"], "position": best["position"]}),
                        pca_digits=pca_digits)  # fmt: skip
 
 

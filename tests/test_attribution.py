@@ -10,6 +10,7 @@ from conftest import build_random_gpt2
 from handwired import copy_head_model, operand_a_dataset, save, serial_circuit_model
 
 from arithinterp import _gpt2
+from arithinterp._errors import ArithInterpError
 from arithinterp.attribution import (
     decompose_residual,
     direct_logit_attribution,
@@ -222,3 +223,64 @@ def test_cli_attribute_bad_filter_is_one_line(tiny_model_dir, tmp_path, capsys):
                "--out", str(tmp_path / "y")])  # fmt: skip
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after the weight-loading progress bar
     assert rc == 2 and err == "arithinterp: error: filter mlp9:low: layer 9 is out of range 0..2."
+
+
+def test_attribute_reads_the_weights_once(copy_model, monkeypatch):
+    """DLA, logit lens, spectra, every filter and activation patching share one copy of the weights."""
+    from arithinterp.attribution import AttributeConfig, attribute
+
+    calls = []
+    extract = _gpt2.extract_weights
+    monkeypatch.setattr(_gpt2, "extract_weights", lambda model: calls.append(1) or extract(model))
+    ds = operand_a_dataset(copy_model.tokenizer, n=12)
+    config = AttributeConfig(fourier=True, filters=("mlp:high", "attn1:k1-3"), neurons=True, compare_patching=True)
+    report = attribute(copy_model, ds, config, progress=False)
+    assert len(calls) == 1 and len(report.filters) == 3 and report.agreement is not None
+    assert not hasattr(copy_model, "_arithinterp_w")  # the weights lent to patching are taken back
+
+
+def test_attribute_refuses_a_filter_that_does_not_fit_before_any_forward_pass(copy_model, monkeypatch):
+    from arithinterp.attribution import AttributeConfig, attribute
+
+    def forward_pass(*args, **kwargs):
+        raise AssertionError("a forward pass ran before the filters were checked")
+
+    for name in ("run_with_cache", "run_with_hooks", "forward"):
+        monkeypatch.setattr(copy_model, name, forward_pass)
+    ds = operand_a_dataset(copy_model.tokenizer, n=4)
+    with pytest.raises(ArithInterpError, match=r"band 'k50' has frequencies \[50\] outside 0..5 for n=10"):
+        attribute(copy_model, ds, AttributeConfig(fourier=True, filters=("mlp:k50",)), progress=False)
+    with pytest.raises(ArithInterpError, match="filter mlp7:low: layer 7 is out of range 0..1"):
+        attribute(copy_model, ds, AttributeConfig(filters=("attn:p7", "mlp7:low")), progress=False)
+
+
+def test_a_model_of_another_architecture_is_told_about_attribution_not_patching(tmp_path, char_tokenizer):
+    from transformers import GPT2LMHeadModel
+
+    from arithinterp.attribution import AttributeConfig, attribute
+    from arithinterp.fourier import FourierFilter, embedding_spectrum, evaluate_filters, number_tokens
+
+    folder = build_random_gpt2(tmp_path, char_tokenizer, n_layer=1)
+    hf = GPT2LMHeadModel.from_pretrained(folder)
+    hf.config.scale_attn_by_inverse_layer_idx = True  # a variant the GPT-2 weight code does not implement
+    hf.save_pretrained(folder)
+    model = load(str(folder))
+    ds = make_dataset(model.tokenizer, n=4)
+    with pytest.raises(ArithInterpError, match="^direct logit attribution is implemented for GPT-2-architecture"):
+        attribute(model, ds, AttributeConfig(fourier=True, filters=("mlp:low",)), progress=False)
+    numbers = number_tokens(model.tokenizer)
+    mlp_low = FourierFilter.parse("mlp:low")
+    for call in (lambda: embedding_spectrum(model), lambda: evaluate_filters(model, ds, [mlp_low]),
+                 lambda: mlp_low.hooks(model, numbers)):  # fmt: skip
+        with pytest.raises(ArithInterpError, match="^Fourier analysis over number tokens is implemented for GPT-2"):
+            call()
+
+
+def test_dla_heatmap_takes_the_ranking_its_caller_made(copy_model):
+    from arithinterp import plots
+
+    ds = operand_a_dataset(copy_model.tokenizer, n=12)
+    r = direct_logit_attribution(copy_model, ds)
+    fig = plots.dla_heatmap(r, 2, 4, title="t")
+    assert plots.dla_heatmap(None, 2, 4, title="t", ranked=r.ranked()).to_json() == fig.to_json()
+    assert fig.data[0].z[1][2] == pytest.approx(float(r.logit_diff[r.names.index("L1H2")].mean()))

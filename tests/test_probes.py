@@ -166,6 +166,29 @@ def test_probe_store_finds_the_planted_site():
     assert json.loads(json.dumps(rec))["best"]["position"] == 2
 
 
+def test_probe_report_reads_the_store_once_and_matches_a_second_read(monkeypatch):
+    """The Fourier fits and the PCA come from the arrays the probes read; reading the store again (as it was
+    done before) gives the same numbers."""
+    from arithinterp.probes import probe_rows
+
+    store = _planted_store(seed=1)
+    gets = []
+    get = store.get
+    monkeypatch.setattr(store, "get", lambda hook, **kw: gets.append(hook) or get(hook, **kw))
+    report = probe_report(store, "a_digits[0]", config=FAST, progress=False)
+    assert gets == store.hooks  # one read per hook, by the probes
+    best = report.result.best()
+    rows = probe_rows(store.n, FAST)
+    y = target_values(store, "a_digits[0]")[rows]
+    for hook in store.hooks:
+        X = get(hook, positions=[best["position"]], examples=rows).reshape(len(rows), -1).float().numpy()
+        fit = report.fourier[f"{hook_label(hook)}@{best['position']}"]
+        np.testing.assert_array_equal(fit.r2_rows, fourier_fit(digit_means(X, y)).r2_rows)
+    X = get(best["hook"], positions=[best["position"]], examples=rows).reshape(len(rows), -1).float().numpy()
+    np.testing.assert_array_equal(report.pca_examples[0], pca(X)[0])
+    np.testing.assert_array_equal(report.pca_examples[1], y)
+
+
 def test_probe_on_the_hand_wired_copy_head(copy_head_dir):
     """The copy head (L1H2) moves a's digit to the final position: readable there after block 1, not before."""
     from arithinterp.models import load
