@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -45,10 +46,37 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return path
 
 
+_umask_lock = threading.Lock()
+_umask_cached: int | None = None
+
+
 def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    """The process's umask, read without changing it where the system allows (store shards are written by a thread).
+
+    Linux reports it in /proc/self/status, read afresh each time. Elsewhere `os.umask` reads it only by setting it,
+    for every thread at once; that is done once, under a lock, and cached (a later `os.umask` call is not seen).
+    """
+    mask = _proc_umask()
+    if mask is not None:
+        return mask
+    global _umask_cached
+    with _umask_lock:
+        if _umask_cached is None:
+            _umask_cached = os.umask(0o022)  # 022, not 0: a file another thread makes meanwhile is not world-writable
+            os.umask(_umask_cached)
+        return _umask_cached
+
+
+def _proc_umask() -> int | None:
+    """The umask from the `Umask:` line of /proc/self/status (Linux 4.7+), or None where there is none."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

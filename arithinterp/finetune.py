@@ -320,9 +320,12 @@ def _grad_factor(cfg: FinetuneConfig, components: Sequence[Component], lay: Layo
     return lay.n_layers * lay.n_heads / n_sel if cfg.grad_scale == "heads" and n_sel else 1.0
 
 
-def prepare_arm(name: str, model, components: Sequence[Component], cfg: FinetuneConfig, target_params: int) -> Arm:
-    """Freeze `model` except what arm `name` trains; LoRA wraps the model (peft) at ~`target_params`."""
-    lay = layout(model)
+def prepare_arm(name: str, model, components: Sequence[Component], cfg: FinetuneConfig, target_params: int,
+                lay: Layout) -> Arm:  # fmt: skip
+    """Freeze `model` except what arm `name` trains; LoRA wraps the model (peft) at ~`target_params`.
+
+    `lay` is `layout(model)`: every arm's model is a copy of the input model, so the caller works it out once.
+    """
     if name == "full":
         for p in model.parameters():
             p.requires_grad_(True)
@@ -451,6 +454,8 @@ def train_arm(arm: Arm, seq: Tensor, mask: Tensor, cfg: FinetuneConfig, ckpt: Pa
 
 
 def _save_arm(path: Path, trainable: dict[str, Tensor], opt, step: int, log: list, elapsed: float) -> None:
+    # Not train.save_checkpoint, which writes one checkpoint.pt of whole state dicts: a finetune run keeps one
+    # <arm>.pt per arm holding the trainable tensors only, and run folders in that layout must keep resuming.
     buf = io.BytesIO()
     torch.save({"params": {n: p.detach().clone() for n, p in trainable.items()}, "opt": opt.state_dict(),
                 "step": step, "log": log, "elapsed": elapsed, "torch_rng": torch.get_rng_state()}, buf)  # fmt: skip
@@ -511,6 +516,8 @@ def finetune(
                                "model is never modified).")  # fmt: skip
     ckpt_dir = out / "checkpoint"
     settings = _settings(model_spec, comps, cfg)
+    # settings.json, not an arm's .pt, marks a run to resume (train.open_run keys on its checkpoint.pt): a run
+    # stopped between arms holds only settings.json and results.json.
     resuming = (ckpt_dir / "settings.json").is_file()
     if resuming:
         if json.loads((ckpt_dir / "settings.json").read_text()) != json.loads(json.dumps(settings)):
@@ -549,7 +556,7 @@ def finetune(
         if name in state["arms"]:
             continue  # finished in an earlier, interrupted run
         arm_model = model if name == "selective" else load_hf(model_spec)[0]  # a fresh copy of the input
-        arm = prepare_arm(name, arm_model, comps, cfg, selective_params)
+        arm = prepare_arm(name, arm_model, comps, cfg, selective_params, lay)
         run = train_arm(arm, seq, mask, cfg, ckpt_dir / f"{name}.pt", progress=progress, budget=budget)
         for h in arm.hooks:
             h.remove()

@@ -27,7 +27,8 @@ and the file format's mechanics (the streaming safetensors writer, checksums, fo
   one. Batches never straddle shards, so a resumed store is byte-identical to an uninterrupted one.
 * **Reading.** `ActivationStore.open(folder)` reads shards memory-mapped (`safetensors.safe_open`) and returns
   only the hooks, positions and examples asked for. Each shard's checksum is verified the first time it is
-  read (`verify()` checks all of them).
+  read (`verify()` checks all of them). `activation_rms(store)` is the one-table summary `arithinterp store`
+  reports: the RMS activation of each hook at each position.
 
 Axis names: `example` (one row per dataset example), `pos` (a stored token position), `seq` (all token
 positions of a prompt); attention patterns keep the transformer-lens layout `[example, head, pos, k_pos]`
@@ -668,3 +669,20 @@ class ActivationStore:
     def meta(self) -> list[dict[str, Any]]:
         """Each example's metadata (`Example.meta`: operands, digits, carries, result, ...)."""
         return [r["meta"] for r in self.examples]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Summary
+
+
+def activation_rms(store: ActivationStore, *, max_examples: int | None = None) -> Float[np.ndarray, "hook pos"]:
+    """Root-mean-square activation of each hook (rows, in `store.hooks` order) at each stored position (columns),
+    over the first `max_examples` examples (default all) and every feature.
+
+    A hook whose axis after `example` is not `pos` (attention patterns, `[example, head, pos, k_pos]`) gets a row
+    of NaN. Scales that differ by orders of magnitude between hooks or positions show at a glance.
+    """
+    rows = np.arange(store.n if max_examples is None else min(store.n, max_examples))
+    return np.stack([store.get(h, examples=rows).float().pow(2).flatten(2).mean(-1).mean(0).sqrt().numpy()
+                     if store.manifest["hooks"][h]["axes"][1] == "pos" else np.full(len(store.positions), np.nan)
+                     for h in store.hooks])  # fmt: skip

@@ -204,6 +204,23 @@ def test_interrupted_run_resumes_bit_identically(tiny_model_dir, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_checkpoint_layout_of_an_interrupted_run(tiny_model_dir, tmp_path):
+    """The layout run folders of earlier versions hold, and must keep resuming from: settings.json, results.json
+    and one <arm>.pt of trainable tensors per unfinished arm (not train.py's single checkpoint.pt)."""
+    comps = [C("L1H2")]
+    cfg = FinetuneConfig(**FAST, baselines=())  # 3 steps
+    assert finetune(str(tiny_model_dir), comps, tmp_path / "run", config=cfg, progress=False,
+                    max_steps_this_run=2) == {"finished": False, "arm": "selective", "step": 2}  # fmt: skip
+    ckpt = tmp_path / "run" / "checkpoint"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["results.json", "selective.pt", "settings.json"]
+    state = torch.load(ckpt / "selective.pt", weights_only=True)
+    assert set(state) == {"params", "opt", "step", "log", "elapsed", "torch_rng"} and state["step"] == 2
+    assert set(state["params"]) == set(selection_masks(load_hf(str(tiny_model_dir))[0], comps))
+    assert json.loads((ckpt / "settings.json").read_text())["components"] == ["L1H2"]
+    rec = finetune(str(tiny_model_dir), comps, tmp_path / "run", config=cfg, progress=False)
+    assert rec["arms"]["selective"]["steps"] == 3 and not ckpt.exists()
+
+
 def test_existing_output_and_input_folder_refused(tiny_model_dir, tmp_path):
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("mine")

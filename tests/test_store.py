@@ -18,7 +18,15 @@ import pytest
 import torch
 
 from arithinterp._errors import ArithInterpError
-from arithinterp.store import ActivationStore, StoreConfig, TaskStream, collect, resolve_hooks, write_store
+from arithinterp.store import (
+    ActivationStore,
+    StoreConfig,
+    TaskStream,
+    activation_rms,
+    collect,
+    resolve_hooks,
+    write_store,
+)
 from arithinterp.tasks import TaskConfig, make_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -274,3 +282,51 @@ def test_shard_files_are_exactly_what_safetensors_writes(tmp_path):
     reference = save(tensors, metadata={"examples": "0:5"})
     assert (tmp_path / "x.safetensors").read_bytes() == reference
     assert n == len(reference) and digest == hashlib.sha256(reference).hexdigest()
+
+
+def test_activation_rms_on_paper(tiny_model, dataset):
+    t = torch.zeros(4, 2, 3)  # [example, pos, d]
+    t[:, 0] = 2.0  # RMS 2 at position 0
+    t[0, 1], t[1, 1] = torch.tensor([3.0, 0.0, 0.0]), torch.tensor([0.0, 4.0, 0.0])  # mean square (9 + 16) / 12
+    store = ActivationStore.from_tensors({"h": t}, [{}] * 4)
+    np.testing.assert_allclose(activation_rms(store), [[2.0, (25 / 12) ** 0.5]], rtol=1e-6)
+    np.testing.assert_allclose(activation_rms(store, max_examples=1), [[2.0, 3 / 3**0.5]], rtol=1e-6)
+    acts = collect(tiny_model, dataset, StoreConfig(hooks=HOOKS, positions=(-1, 3)), progress=False)
+    rms = activation_rms(acts)  # rows in acts.hooks order; attention patterns have no position axis after example
+    assert rms.shape == (5, 2) and np.isnan(rms[acts.hooks.index("blocks.0.attn.hook_pattern")]).all()
+    resid = acts.get("blocks.1.hook_resid_post")
+    np.testing.assert_allclose(rms[acts.hooks.index("blocks.1.hook_resid_post")],
+                               resid.pow(2).mean((0, 2)).sqrt().numpy(), rtol=1e-5)  # fmt: skip
+
+
+def test_store_files_get_the_usual_modes_without_touching_the_umask(tiny_model, dataset, tmp_path, monkeypatch):
+    """Files are 0666 less the umask, read afresh each write; the umask is never set to read it where Linux
+    reports it (the writer thread would race other threads' files), and set only once, under a lock, elsewhere."""
+    from arithinterp import _io
+
+    cfg = StoreConfig(hooks=("blocks.0.hook_resid_post",), shard_size=50)
+    old = os.umask(0o022)
+    try:
+        if _io._proc_umask() is not None:
+            monkeypatch.setattr(_io.os, "umask", lambda mask: pytest.fail("os.umask called to read the umask"))
+        write_store(tiny_model, dataset, tmp_path / "a", cfg, progress=False)
+        monkeypatch.undo()
+        os.umask(0o077)
+        write_store(tiny_model, dataset, tmp_path / "b", cfg, progress=False)
+    finally:
+        os.umask(old)
+    modes = lambda d: {oct(p.stat().st_mode & 0o777) for p in d.iterdir()}  # noqa: E731
+    assert modes(tmp_path / "a") == {"0o644"}
+    if _io._proc_umask() is not None:
+        assert modes(tmp_path / "b") == {"0o600"}
+    calls = []
+    real_umask = os.umask
+
+    def umask(mask):
+        calls.append(mask)
+        return real_umask(mask)
+
+    monkeypatch.setattr(_io, "_proc_umask", lambda: None)  # no /proc: set-and-restore, once, then cached
+    monkeypatch.setattr(_io, "_umask_cached", None)
+    monkeypatch.setattr(_io.os, "umask", umask)
+    assert _io._umask() == _io._umask() == old and len(calls) == 2 and calls[1] == old
