@@ -215,7 +215,7 @@ def patch(model_spec, task, n, seed, style, counterfactual, digits, operand_rang
           ig_steps, compare_exact, top, out, overwrite) -> None:  # fmt: skip
     """Activation, path or attribution patching; by default every head output and MLP output at the final position."""
     from arithinterp.patching import patch_components
-    from arithinterp.plots import patching_heatmap, write_html
+    from arithinterp.plots import patching_heatmap
 
     default = (method == "activation" and granularity in (None, "components") and position == "final"
                and direction == "denoising")  # fmt: skip
@@ -233,11 +233,7 @@ def patch(model_spec, task, n, seed, style, counterfactual, digits, operand_rang
                                seed=seed)  # fmt: skip
         record.update({**report["record"], "n_requested": n, "only_correct": only_correct,
                        "examples": dataset.records(), "wall_time_s": round(time.time() - t0, 2)})  # fmt: skip
-        prepare_out_dir(out_dir, overwrite=overwrite)
-        atomic_write_json(out_dir / "patch.json", record)
-        write_html(out_dir / "patch.html", report["figures"], title=report["title"], header=report["header"])
-        _echo_ranked(record, top)
-        click.echo(f"wrote {out_dir / 'patch.json'} and {out_dir / 'patch.html'}")
+        _write_patch(out_dir, record, report, overwrite=overwrite, top=top)
         return
     result = patch_components(model, dataset, metric=metric, engine=engine)
     n_layers, n_heads = model_dims(model)
@@ -250,19 +246,22 @@ def patch(model_spec, task, n, seed, style, counterfactual, digits, operand_rang
         "baseline": {"clean": float(result.clean.mean()), "corrupted": float(result.corrupted.mean())},
         "components": ranked, "examples": dataset.records(), "wall_time_s": round(time.time() - t0, 2),
     })  # fmt: skip
-    prepare_out_dir(out_dir, overwrite=overwrite)
-    atomic_write_json(out_dir / "patch.json", record)
     title = f"Activation patching: {model_spec}, task {task} ({len(dataset)} examples, metric {metric})"
-    fig = patching_heatmap(result, n_layers, n_heads, title=title)
     header = (f"<p>Denoising patching at the final position: score = (M_patched - M_corrupted) / "
               f"(M_clean - M_corrupted); 0 = corrupted, 1 = clean. Clean mean {record['baseline']['clean']:.3f}, "
               f"corrupted mean {record['baseline']['corrupted']:.3f}.</p>")  # fmt: skip
-    write_html(out_dir / "patch.html", [fig], title=title, header=header)
-    click.echo(f"{len(dataset)} examples; metric {metric}: clean {record['baseline']['clean']:.3f}, "
-               f"corrupted {record['baseline']['corrupted']:.3f}")  # fmt: skip
-    click.echo(f"{'rank':>4}  {'component':<9} {'score':>8}  95% CI")
-    for i, r in enumerate(ranked[:top], 1):
-        click.echo(f"{i:>4}  {r['name']:<9} {r['score']:>8.3f}  [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}]")
+    report = {"figures": [patching_heatmap(result, n_layers, n_heads, title=title)], "title": title, "header": header}
+    _write_patch(out_dir, record, report, overwrite=overwrite, top=top)
+
+
+def _write_patch(out_dir: Path, record: dict[str, Any], report: dict[str, Any], *, overwrite: bool, top: int) -> None:
+    """Write `record` to patch.json and `report`'s figures to patch.html, then print the ranking (every method)."""
+    from arithinterp.plots import write_html
+
+    prepare_out_dir(out_dir, overwrite=overwrite)
+    atomic_write_json(out_dir / "patch.json", record)
+    write_html(out_dir / "patch.html", report["figures"], title=report["title"], header=report["header"])
+    _echo_ranked(record, top)
     click.echo(f"wrote {out_dir / 'patch.json'} and {out_dir / 'patch.html'}")
 
 
@@ -286,7 +285,7 @@ def _patch_report(
 ) -> dict[str, Any]:
     """Run a non-default `patch` (another method, granularity, position or direction): JSON fields, figures."""
     from arithinterp import plots
-    from arithinterp.path_patching import Receiver, iterative_path_patch, parse_components, path_patch
+    from arithinterp.path_patching import iterative_path_patch, parse_components, parse_receivers, path_patch
 
     n_layers, n_heads = model_dims(model)
     shift = 1.0 if direction == "noising" else 0.0
@@ -320,7 +319,7 @@ def _patch_report(
             edges = [{**e, "value": e["score"] - shift} for e in graph.edges]
             title = f"Iterative path patching (|effect| >= {threshold}, {direction}): {what}"
         else:
-            recv = [r for name in receivers.split(",") if name.strip() for r in Receiver.parse(name)]
+            recv = parse_receivers(receivers)
             result = path_patch(model, dataset, senders=sender_list, receivers=recv, direction=direction,
                                 metric=metric, engine=engine)  # fmt: skip
             rec.update({"granularity": "components", "senders": [c.name for c in result.components],
@@ -427,7 +426,7 @@ def attribute(model_spec, task, n, seed, style, counterfactual, digits, operand_
     n_layers, n_heads = model_dims(model)
     what = f"{model_spec}, task {task} ({len(dataset)} examples)"
     figures = [
-        plots.dla_heatmap(report.dla, n_layers, n_heads, metric=report.metric,
+        plots.dla_heatmap(report.dla, n_layers, n_heads, metric=report.metric, ranked=body["components"],
                           title=f"Direct logit attribution ({report.metric}): {what}"),
         plots.residual_decomposition_bar(body["layers"], title="Residual stream decomposed by layer",
                                          yaxis=report.metric),
@@ -579,16 +578,18 @@ def finetune(model_spec, circuit_path, task, digits, style, operand_range, trans
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--overwrite", is_flag=True, help="Allow a non-empty --out (an unfinished run there resumes anyway).")
 @click.option("--device", default="cpu", show_default=True, help="Where the steps run: cpu, cuda or cuda:N.")
+@click.option("--set", "settings", multiple=True, metavar="NAME=VALUE",
+              help="Override a training setting (TrainConfig, or for mul4 tasks Mul4Schedule), e.g. --set lr=3e-4 "
+                   "--set steps_per_stage=6000 --set advance_at=0.9. Repeatable.")  # fmt: skip
 @user_errors
-def train(task, out, steps, seed, overwrite, device) -> None:
+def train(task, out, steps, seed, overwrite, device, settings) -> None:
     """Train a built-in model from scratch (resumes from the checkpoint in --out if there is one)."""
-    from arithinterp.train import TrainConfig, default_config
+    from arithinterp.train import configure
     from arithinterp.train import train as run_train
 
-    cfg = default_config(task)
-    overrides = {"seed": seed} | ({"steps": steps} if steps is not None else {})
-    cfg = TrainConfig(**{**cfg.__dict__, **overrides})
-    summary = run_train(cfg, out, overwrite=overwrite, device=device)
+    extra = [f"seed={seed}"] + ([f"steps={steps}"] if steps is not None else [])
+    cfg, schedule = configure(task, [*extra, *settings])
+    summary = run_train(cfg, out, overwrite=overwrite, device=device, schedule=schedule)
     click.echo(f"held-out: {summary['held_out']}; train time {summary['train_time_s']} s; wrote {out}")
 
 
@@ -764,11 +765,9 @@ def _hook_patterns(hooks: tuple[str, ...]) -> tuple[str, ...]:
 def store(model_spec, task, n, seed, style, counterfactual, digits, operand_range, answer_token, only_correct,
           hooks, positions_text, dtype, batch_size, shard_size, stream, out, overwrite) -> None:  # fmt: skip
     """Store activations of chosen hooks and positions in safetensors shards (rerun to resume)."""
-    import numpy as np
-
     from arithinterp.models import load
     from arithinterp.plots import activation_norms_figure, write_html
-    from arithinterp.store import StoreConfig, TaskStream, check_store_dir, write_store
+    from arithinterp.store import StoreConfig, TaskStream, activation_rms, check_store_dir, write_store
 
     if stream and only_correct:
         raise ArithInterpError("--stream cannot keep only correctly answered prompts; drop --only-correct.")
@@ -784,10 +783,8 @@ def store(model_spec, task, n, seed, style, counterfactual, digits, operand_rang
     result = write_store(model, source, out_dir, config, overwrite=overwrite)
     wall = time.time() - t0
     m = result.manifest
-    rows = np.arange(min(result.n, 1000))
-    norms = np.stack([result.get(h, examples=rows).float().pow(2).flatten(2).mean(-1).mean(0).sqrt().numpy()
-                      if m["hooks"][h]["axes"][1] == "pos" else np.full(len(result.positions), np.nan)
-                      for h in result.hooks])  # fmt: skip
+    n_rms = min(result.n, 1000)  # examples the RMS table averages over
+    norms = activation_rms(result, max_examples=n_rms)
     record = {
         "model": model_spec, "task": task, "method": "store", "metric": "rms", "n": result.n, "seed": seed,
         "style": m["task"]["style"], "answer_token": answer_token, "dataset_fingerprint": m["dataset_fingerprint"],
@@ -801,7 +798,7 @@ def store(model_spec, task, n, seed, style, counterfactual, digits, operand_rang
     title = f"Activation store: {model_spec}, task {task} ({result.n} examples)"
     labels = [f"{p} {t!r}" for p, t in zip(m["positions"], m["position_labels"])]
     fig = activation_norms_figure(norms, result.hooks, labels, title=f"{title}: RMS activation per hook and "
-                                  f"position (first {len(rows)} examples)")  # fmt: skip
+                                  f"position (first {n_rms} examples)")  # fmt: skip
     write_html(out_dir / "store.html", [fig], title=title,
                header=f"<p>{len(m['shards'])} shards, {record['bytes'] / 1e6:.1f} MB, dtype {dtype}. Read with "
                       f"<code>ActivationStore.open({str(out_dir)!r})</code>.</p>")  # fmt: skip

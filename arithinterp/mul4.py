@@ -162,6 +162,17 @@ def held_out(seed: int, n: int) -> tuple[Int[Tensor, " n"], Int[Tensor, " n"]]:
     return random_pairs(n, 10_000 + seed, DIGITS)
 
 
+#: validation problems that decide adaptive stage ends (`Mul4Schedule.advance_at`)
+VALIDATION_N = 500
+
+
+def validation(seed: int) -> tuple[Int[Tensor, " n"], Int[Tensor, " n"]]:
+    """The validation problems (seed 20_000 + seed). Kept apart from the held-out test problems, which no training
+    decision sees; unlike those they are not excluded from training batches (each is drawn with probability
+    ~batch/10**8 per step)."""
+    return random_pairs(VALIDATION_N, 20_000 + seed, DIGITS)
+
+
 class ProblemSampler:
     """Uniform random 4-digit operand pairs (0..9999, zero-padded), never a held-out pair."""
 
@@ -192,6 +203,10 @@ class Mul4Schedule:
     smoothing: float = 4.0  # removal smoothing (Deng et al.): extra removed tokens o ~ exp(-smoothing·o); 0 = off
     aux_weight: float = 0.0  # weight of the running-sum regression loss (mul4-aux)
     aux_scale: float = 10.0  # the head regresses ĉ_k / aux_scale
+    # Adaptive stages: a stage also ends at the first evaluation (every eval_every steps) at which the whole target
+    # of its format is exact on this share of `VALIDATION_N` validation problems; steps_per_stage is then the most
+    # a stage gets. None: every stage lasts steps_per_stage (Deng et al.'s fixed schedule).
+    advance_at: float | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.remove_per_stage <= COT_LEN:
@@ -200,6 +215,9 @@ class Mul4Schedule:
             raise ArithInterpError(f"steps_per_stage={self.steps_per_stage} must be >= 1.")
         if self.smoothing < 0 or self.aux_weight < 0 or self.aux_scale <= 0:
             raise ArithInterpError("smoothing and aux_weight must be >= 0 and aux_scale > 0.")
+        if self.advance_at is not None and not 0 < self.advance_at <= 1:
+            raise ArithInterpError(f"advance_at={self.advance_at} must lie in (0, 1] (a share of exact answers), "
+                                   "or be None for fixed-length stages.")  # fmt: skip
 
     @property
     def removals(self) -> list[int]:
@@ -213,6 +231,45 @@ class Mul4Schedule:
 
     def stage_start(self, stage: int) -> int:
         return stage * self.steps_per_stage
+
+
+class StageClock:
+    """Which internalization stage a step is in, and where that stage began.
+
+    With a fixed schedule this is `Mul4Schedule.stage_at` / `stage_start`. With `advance_at`, a stage ends either
+    when `advance` is called (its validation accuracy reached the threshold) or after `steps_per_stage` steps; the
+    stage starts are then state, saved in the checkpoint (`state_dict`) so that a resumed run keeps them.
+    """
+
+    def __init__(self, sched: Mul4Schedule):
+        self.sched = sched
+        self.starts = [0]  # first step of each stage begun so far (adaptive schedules only)
+
+    @property
+    def adaptive(self) -> bool:
+        return self.sched.advance_at is not None
+
+    def stage(self, step: int) -> int:
+        if not self.adaptive:
+            return self.sched.stage_at(step)
+        last = len(self.sched.removals) - 1
+        while len(self.starts) - 1 < last and step - self.starts[-1] >= self.sched.steps_per_stage:
+            self.starts.append(self.starts[-1] + self.sched.steps_per_stage)  # the stage ran out of steps
+        return len(self.starts) - 1
+
+    def start(self, stage: int) -> int:
+        return self.starts[stage] if self.adaptive else self.sched.stage_start(stage)
+
+    def advance(self, step: int) -> None:
+        """End the current stage: the next stage begins at `step` (no-op in the last stage)."""
+        if self.stage(step) < len(self.sched.removals) - 1:
+            self.starts.append(step)
+
+    def state_dict(self) -> dict:
+        return {"starts": list(self.starts)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.starts = list(state["starts"])
 
 
 SCHEDULES: dict[str, Mul4Schedule] = {
@@ -238,8 +295,10 @@ N_POSITIONS_MODEL = 72  # the models' position table: N_POSITIONS rounded up
 
 
 @torch.no_grad()
-def evaluate(model, seed: int, n: int, removed: int = COT_LEN, batch_size: int = 500) -> dict[str, float]:
-    """Held-out accuracy in the format with `removed` CoT tokens removed.
+def evaluate(model, seed: int, n: int, removed: int = COT_LEN, batch_size: int = 500,
+             problems: tuple[Tensor, Tensor] | None = None) -> dict[str, float]:  # fmt: skip
+    """Held-out accuracy (the first `n` of `held_out(seed, ...)`, or of `problems`) in the format with `removed` CoT
+    tokens removed.
 
     `exact_match`: the whole target (remaining CoT, "=", the 8 digits) is the argmax at every position under
     teacher forcing, which is exactly when greedy decoding writes it; `answer_exact_match` the same for the
@@ -248,7 +307,7 @@ def evaluate(model, seed: int, n: int, removed: int = COT_LEN, batch_size: int =
     """
     from arithinterp.train import model_device
 
-    a, b = held_out(seed, n)
+    a, b = held_out(seed, n) if problems is None else (problems[0][:n], problems[1][:n])
     full = encode(a, b, removed)
     first = PREFIX  # index of the first target token
     hits = []
@@ -324,13 +383,13 @@ def _last_attn_capture(model) -> tuple[dict, Any]:
 # The training loop
 
 
-def _lr(cfg, sched: Mul4Schedule, step: int) -> float:
+def _lr(cfg, clock: StageClock, step: int) -> float:
     """Linear warm-up at the start of every stage (the optimiser is fresh), cosine decay in the last stage."""
-    stage = sched.stage_at(step)
-    start = sched.stage_start(stage)
+    stage = clock.stage(step)
+    start = clock.start(stage)
     if step - start < cfg.warmup:
         return cfg.lr * (step - start + 1) / cfg.warmup
-    if stage < len(sched.removals) - 1:
+    if stage < len(clock.sched.removals) - 1:
         return cfg.lr
     frac = (step - start - cfg.warmup) / max(1, cfg.steps - start - cfg.warmup)
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
@@ -348,13 +407,25 @@ def _smoothed_removal(sched: Mul4Schedule, base: int, g: torch.Generator) -> int
     return base + int(torch.multinomial(weights, 1, generator=g))
 
 
+def _upgrade_settings(out: Path) -> None:
+    """Let a run checkpointed before `Mul4Schedule.advance_at` existed resume: its settings lack the field, whose
+    value for it was None."""
+    path = out / "checkpoint" / "settings.json"
+    if path.is_file():
+        settings = json.loads(path.read_text())
+        if "schedule" in settings and "advance_at" not in settings["schedule"]:
+            settings["schedule"]["advance_at"] = None
+            atomic_write_json(path, settings)
+
+
 def train_mul4(cfg, out: str | Path, *, overwrite: bool = False, progress: bool = True,
                max_steps_this_run: int | None = None, max_seconds: float | None = None,
-               device: str | torch.device | None = None) -> dict:  # fmt: skip
+               device: str | torch.device | None = None, schedule: Mul4Schedule | None = None) -> dict:  # fmt: skip
     """Train (or resume) one of the multiplication models into `out` (see the module docstring).
 
-    `cfg` is an `arithinterp.train.TrainConfig` with `task` in TASKS. A checkpoint (model, optimiser, aux head,
-    step, random state, log) is written atomically every `cfg.checkpoint_every` steps into `<out>/checkpoint/`;
+    `cfg` is an `arithinterp.train.TrainConfig` with `task` in TASKS; `schedule` (default: the task's entry in
+    SCHEDULES) sets the stages, smoothing and aux loss. A checkpoint (model, optimiser, aux head, step, stage
+    starts, random state, log) is written atomically every `cfg.checkpoint_every` steps into `<out>/checkpoint/`;
     calling again with the same settings resumes. `max_steps_this_run` / `max_seconds` stop early with the
     checkpoint saved. `device` (default cpu) is where the steps run; batches are drawn on the CPU, so a run
     resumes on another device with the same data. Finished: a Hugging Face folder, `training_log.jsonl`,
@@ -373,8 +444,12 @@ def train_mul4(cfg, out: str | Path, *, overwrite: bool = False, progress: bool 
 
     if cfg.task not in SCHEDULES:
         raise ArithInterpError(f"task {cfg.task!r} is not a multiplication task; choose one of: {', '.join(TASKS)}.")
-    sched = SCHEDULES[cfg.task]
+    sched = SCHEDULES[cfg.task] if schedule is None else schedule
+    if (sched.remove_per_stage == 0) != (cfg.task != "mul4-icot") or (sched.aux_weight > 0) != (cfg.task == "mul4-aux"):
+        raise ArithInterpError(f"schedule {sched} does not fit task {cfg.task!r}: only mul4-icot removes chain-of-"
+                               "thought tokens (remove_per_stage > 0), only mul4-aux has aux_weight > 0.")  # fmt: skip
     out = Path(out)
+    _upgrade_settings(out)
     state = open_run(out, {"train_config": asdict(cfg), "schedule": asdict(sched)}, overwrite=overwrite)
     device = resolve_device(device)
     model = build_model(cfg, N_POSITIONS_MODEL).to(device)
@@ -384,11 +459,15 @@ def train_mul4(cfg, out: str | Path, *, overwrite: bool = False, progress: bool 
     gen = torch.Generator().manual_seed(cfg.seed)
     parts = {"model": model, "opt": opt} | ({"aux": aux} if aux is not None else {})
     step, log, elapsed = restore_checkpoint(state, parts, gen) if state is not None else (0, [], 0.0)
+    clock = StageClock(sched)
+    if state is not None and "stages" in state:
+        clock.load_state_dict(state["stages"])
     sampler = ProblemSampler(cfg.seed, cfg.n_test)
     box, handle = _last_attn_capture(model) if aux is not None else ({}, None)
 
     def save() -> None:
-        save_checkpoint(out, parts | {"opt": opt}, step=step, gen=gen, log=log, elapsed=time.time() - t0)
+        save_checkpoint(out, parts | {"opt": opt, "stages": clock}, step=step, gen=gen, log=log,
+                        elapsed=time.time() - t0)  # fmt: skip
 
     model.train()
     t0 = time.time() - elapsed
@@ -396,14 +475,14 @@ def train_mul4(cfg, out: str | Path, *, overwrite: bool = False, progress: bool 
     stop = cfg.steps if max_steps_this_run is None else min(cfg.steps, step + max_steps_this_run)
     bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.task}", disable=not progress)
     while step < stop:
-        stage = sched.stage_at(step)
-        if stage > 0 and step == sched.stage_start(stage):
+        stage = clock.stage(step)
+        if stage > 0 and step == clock.start(stage):
             opt = _optimizer(cfg, params)  # a fresh optimiser for every stage (Deng et al.)
         removed = _smoothed_removal(sched, sched.removals[stage], gen)
         a, b = sampler(cfg.batch_size, gen)
         seq = encode(a, b, removed).to(device)
         for group in opt.param_groups:
-            group["lr"] = _lr(cfg, sched, step)
+            group["lr"] = _lr(cfg, clock, step)
         logits = model(seq[:, :-1]).logits
         target = seq[:, PREFIX:]
         ce = F.cross_entropy(logits[:, PREFIX - 1 :].reshape(-1, logits.shape[-1]), target.reshape(-1))
@@ -419,15 +498,21 @@ def train_mul4(cfg, out: str | Path, *, overwrite: bool = False, progress: bool 
         opt.step()
         step += 1
         bar.update(1)
-        if step % 50 == 0 or step == cfg.steps:
+        if step % 50 == 0 or step % cfg.eval_every == 0 or step == cfg.steps:
             entry = {"step": step, "stage": stage, "removed": sched.removals[stage], "loss": round(ce.item(), 5),
-                     "lr": _lr(cfg, sched, step - 1), "time_s": round(time.time() - t0, 1)}  # fmt: skip
+                     "lr": _lr(cfg, clock, step - 1), "time_s": round(time.time() - t0, 1)}  # fmt: skip
             if aux_loss is not None:
                 entry["aux_mse"] = round(aux_loss.item() * sched.aux_scale**2, 3)  # in units of ĉ², not ĉ/scale
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 model.eval()
                 entry.update({f"eval_{k}": v for k, v in evaluate(model, cfg.seed, min(cfg.n_test, 500),
                                                                   sched.removals[stage]).items()})  # fmt: skip
+                if clock.adaptive and stage < len(sched.removals) - 1 and step < cfg.steps:
+                    val = evaluate(model, cfg.seed, VALIDATION_N, sched.removals[stage], problems=validation(cfg.seed))
+                    entry["val_exact_match"] = val["exact_match"]
+                    if val["exact_match"] >= sched.advance_at:
+                        clock.advance(step)  # the next step begins the next stage, with a fresh optimiser
+                        entry["advanced"] = True
                 model.train()
             log.append(entry)
             shown = {k: v for k, v in entry.items() if k == "eval_exact_match"}
@@ -441,7 +526,7 @@ def train_mul4(cfg, out: str | Path, *, overwrite: bool = False, progress: bool 
         handle.remove()
     if step < cfg.steps:
         save()
-        return {"finished": False, "step": step, "stage": sched.stage_at(step)}
+        return {"finished": False, "step": step, "stage": clock.stage(step)}
     model.eval()
     final = greedy_eval(model, cfg.seed, cfg.n_test)
     wall = time.time() - t0
@@ -453,6 +538,7 @@ def train_mul4(cfg, out: str | Path, *, overwrite: bool = False, progress: bool 
     summary = {
         "name": out.name, "description": TASK_DESCRIPTIONS[cfg.task], "task": cfg.task,
         "train_config": asdict(cfg), "schedule": asdict(sched), "held_out": final, "n_test": cfg.n_test,
+        **({"stage_starts": clock.starts} if clock.adaptive else {}),
         "train_time_s": round(wall, 1), "threads": torch.get_num_threads(), "torch": torch.__version__,
         "device": device_name(device),
         "format": "<bos>a0a1a2a3*b0b1b2b3$=c0c1c2c3c4c5c6c7<eos> (all numbers least significant digit first)",
@@ -523,12 +609,15 @@ def export_checkpoint(run: str | Path, dest: str | Path, *, n_test: int | None =
     cfg = TrainConfig(**settings["train_config"])
     sched = Mul4Schedule(**settings["schedule"])
     state = torch.load(ckpt, weights_only=True, map_location="cpu")
+    clock = StageClock(sched)
+    if "stages" in state:
+        clock.load_state_dict(state["stages"])
     model = build_model(cfg, N_POSITIONS_MODEL)
     model.load_state_dict(state["model"])
     model.eval()
     dest.mkdir(parents=True, exist_ok=True)
     held = greedy_eval(model, cfg.seed, n_test or cfg.n_test)
-    stage = sched.stage_at(state["step"])
+    stage = clock.stage(state["step"])
     _write_model_folder(dest, model)
     if state.get("aux"):
         from safetensors.torch import save

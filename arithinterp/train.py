@@ -18,9 +18,9 @@ import io
 import json
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -330,6 +330,53 @@ def default_config(task: str) -> TrainConfig:
     return TrainConfig(task=task, **TRAIN_TASKS[task].defaults)
 
 
+def configure(task: str, settings: Sequence[str] = ()) -> tuple[TrainConfig, object | None]:
+    """`default_config(task)` with "name=value" overrides, and the task's schedule (an `arithinterp.mul4.Mul4Schedule`
+    for the mul4 tasks, None otherwise) with its own.
+
+    A name is a field of TrainConfig (`lr=3e-4`, `d_model=768`) or, for a mul4 task, of Mul4Schedule
+    (`steps_per_stage=6000`, `advance_at=0.9`, `advance_at=none`). This is what `arithinterp train --set` parses.
+    """
+    cfg = default_config(task)
+    sched = None
+    if TRAIN_TASKS[task].loop is not None:
+        from arithinterp.mul4 import SCHEDULES
+
+        sched = SCHEDULES[task]
+    cfg_fields = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name != "task"}
+    sched_fields = {f.name: getattr(sched, f.name) for f in fields(sched)} if sched is not None else {}
+    cfg_over, sched_over = {}, {}
+    for item in settings:
+        name, sep, text = item.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or not name:
+            raise ArithInterpError(f"setting {item!r} is not name=value (for example lr=3e-4).")
+        if name in cfg_fields:
+            cfg_over[name] = _parse_setting(name, text.strip(), cfg_fields[name])
+        elif name in sched_fields:
+            sched_over[name] = _parse_setting(name, text.strip(), sched_fields[name])
+        else:
+            known = sorted(cfg_fields) + sorted(sched_fields)
+            raise ArithInterpError(f"unknown setting {name!r} for task {task!r}; choose one of: {', '.join(known)}.")
+    cfg = replace(cfg, **cfg_over)
+    return cfg, (replace(sched, **sched_over) if sched is not None else None)
+
+
+def _parse_setting(name: str, text: str, default: object) -> object:
+    """`text` as the type of the field's default (a None default takes a float, or "none")."""
+    try:
+        if default is None or isinstance(default, float):
+            return None if default is None and text.lower() == "none" else float(text)
+        if isinstance(default, bool):
+            raise ValueError
+        if isinstance(default, int):
+            return int(text)
+        return text
+    except ValueError:
+        kind = "a number or none" if default is None else type(default).__name__
+        raise ArithInterpError(f"setting {name}={text!r}: the value must be {kind}.") from None
+
+
 def build_model(cfg: TrainConfig, n_positions: int):
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -398,13 +445,13 @@ def _py_rng(saved) -> tuple:
 
 
 def train(cfg: TrainConfig, out: str | Path, *, overwrite: bool = False, progress: bool = True,
-          max_steps_this_run: int | None = None, device: str | None = None) -> dict:  # fmt: skip
+          max_steps_this_run: int | None = None, device: str | None = None, schedule=None) -> dict:  # fmt: skip
     """Train (or resume training) a built-in model into the folder `out`; returns the summary written there.
 
     `max_steps_this_run` stops after that many steps with the checkpoint saved (for runs that span sessions).
     `device` ("cpu" by default, or "cuda") is where the steps run; a checkpoint written on one device resumes on
     another. The data and its random stream are drawn on the CPU either way, so only floating-point rounding
-    differs between devices.
+    differs between devices. `schedule` (mul4 tasks only) replaces the task's `arithinterp.mul4.Mul4Schedule`.
     """
     dev = resolve_device(device)
     out = Path(out)
@@ -414,16 +461,19 @@ def train(cfg: TrainConfig, out: str | Path, *, overwrite: bool = False, progres
     torch.set_num_threads(1)
     try:
         return _train(cfg, out, overwrite=overwrite, progress=progress, max_steps_this_run=max_steps_this_run,
-                      device=dev)  # fmt: skip
+                      device=dev, schedule=schedule)  # fmt: skip
     finally:
         torch.set_num_threads(threads)
 
 
 def _train(cfg: TrainConfig, out: Path, *, overwrite: bool, progress: bool, max_steps_this_run: int | None,
-           device: torch.device) -> dict:  # fmt: skip
+           device: torch.device, schedule) -> dict:  # fmt: skip
     if TRAIN_TASKS[cfg.task].loop is not None:  # a task with its own loop (arithinterp.mul4)
         return TRAIN_TASKS[cfg.task].loop(cfg, out, overwrite=overwrite, progress=progress,
-                                          max_steps_this_run=max_steps_this_run, device=device)  # fmt: skip
+                                          max_steps_this_run=max_steps_this_run, device=device,
+                                          schedule=schedule)  # fmt: skip
+    if schedule is not None:
+        raise ArithInterpError(f"task {cfg.task!r} has no stage schedule; a schedule is for the mul4 tasks.")
     state = open_run(out, asdict(cfg), overwrite=overwrite)
     task = TRAIN_TASKS[cfg.task]
     model = build_model(cfg, task.n_positions).to(device)

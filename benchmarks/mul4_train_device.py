@@ -7,7 +7,11 @@ stopped anywhere and resumed with the same command (the same --out):
     python benchmarks/mul4_train_device.py --device cuda --out runs/             # all three
     python benchmarks/mul4_train_device.py --device cuda --out runs/ --tasks mul4-icot --max-seconds 500
 
-`--steps` overrides the total steps (for timing runs only: a run with other steps is another run). The finished
+`--set NAME=VALUE` (repeatable) changes a setting of every task run, as `arithinterp train --set` does: a field
+of TrainConfig (`lr=3e-4`, `batch_size=64`, `d_model=768`) or of Mul4Schedule (`steps_per_stage=6000`,
+`advance_at=0.95`; a schedule field a task does not have is an error, so run icot-only settings with
+`--tasks mul4-icot`). `--steps N` and `--stage-steps S` are short for `--set steps=N` and
+`--set steps_per_stage=S`. A run with other settings is another run: give it another --out. The finished
 models are ordinary model folders `runs/icot-mul4`, `runs/sft-mul4`, `runs/aux-mul4` (copy them to data/models/).
 The same training, one task at a time, is `arithinterp train --task mul4-icot --device cuda --out DIR`.
 """
@@ -15,7 +19,6 @@ The same training, one task at a time, is `arithinterp train --task mul4-icot --
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import subprocess
 import sys
@@ -25,20 +28,14 @@ from pathlib import Path
 NAMES = {"mul4-icot": "icot-mul4", "mul4-sft": "sft-mul4", "mul4-aux": "aux-mul4"}
 
 
-def run_one(task: str, out: Path, device: str, chunk: int, max_seconds: float | None, steps: int | None,
-            stage_steps: int | None) -> None:  # fmt: skip
+def run_one(task: str, out: Path, device: str, chunk: int, max_seconds: float | None, settings: list[str]) -> None:
     import torch
 
-    from arithinterp import mul4
     from arithinterp.mul4 import train_mul4
-    from arithinterp.train import default_config
+    from arithinterp.train import configure
 
     torch.set_num_threads(1)
-    cfg = default_config(task)
-    if steps is not None:
-        cfg = dataclasses.replace(cfg, steps=steps)
-    if stage_steps is not None:
-        mul4.SCHEDULES[task] = dataclasses.replace(mul4.SCHEDULES[task], steps_per_stage=stage_steps)
+    cfg, schedule = configure(task, settings)
     ckpt = out / "checkpoint" / "checkpoint.pt"
     # steps/s comes from the change in step: a chunk cut short by --max-seconds runs fewer than `chunk` steps
     done = torch.load(ckpt, weights_only=True, map_location="cpu")["step"] if ckpt.is_file() else 0
@@ -49,7 +46,8 @@ def run_one(task: str, out: Path, device: str, chunk: int, max_seconds: float | 
             print(f"[{task}] time budget spent; resume with the same command", flush=True)
             return
         t_chunk = time.time()
-        result = train_mul4(cfg, out, progress=False, max_steps_this_run=chunk, max_seconds=left, device=device)
+        result = train_mul4(cfg, out, progress=False, max_steps_this_run=chunk, max_seconds=left, device=device,
+                            schedule=schedule)  # fmt: skip
         if result.get("finished") is False:
             state = torch.load(ckpt, weights_only=True, map_location="cpu")
             last = next((e for e in reversed(state["log"]) if "eval_exact_match" in e), (state["log"] or [{}])[-1])
@@ -72,10 +70,15 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=list(NAMES), choices=list(NAMES))
     parser.add_argument("--chunk", type=int, default=1000, help="steps between status lines (and checkpoints)")
     parser.add_argument("--max-seconds", type=float, default=None, help="stop (checkpoint kept) after this long")
-    parser.add_argument("--steps", type=int, default=None, help="override the total steps (timing runs only)")
-    parser.add_argument("--stage-steps", type=int, default=None, help="override icot's steps per stage (likewise)")
+    parser.add_argument("--steps", type=int, default=None, help="short for --set steps=N")
+    parser.add_argument("--stage-steps", type=int, default=None, help="short for --set steps_per_stage=S")
+    parser.add_argument("--set", dest="settings", action="append", default=[], metavar="NAME=VALUE",
+                        help="override a TrainConfig or Mul4Schedule setting (repeatable)")  # fmt: skip
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # a child process: train this task
     args = parser.parse_args()
+    settings = [f"steps={args.steps}"] if args.steps is not None else []
+    settings += [f"steps_per_stage={args.stage_steps}"] if args.stage_steps is not None else []
+    settings += args.settings
     if args.one:
         run_one(
             args.one,
@@ -83,15 +86,13 @@ def main() -> None:
             args.device,
             args.chunk,
             args.max_seconds,
-            args.steps,
-            args.stage_steps,
+            settings,
         )
         return
     args.out.mkdir(parents=True, exist_ok=True)
     extra = ["--chunk", str(args.chunk), "--device", args.device]
     extra += ["--max-seconds", str(args.max_seconds)] if args.max_seconds is not None else []
-    extra += ["--steps", str(args.steps)] if args.steps is not None else []
-    extra += ["--stage-steps", str(args.stage_steps)] if args.stage_steps is not None else []
+    extra += [arg for item in settings for arg in ("--set", item)]
     procs = [subprocess.Popen([sys.executable, __file__, "--out", str(args.out), "--one", t, *extra])
              for t in args.tasks]  # fmt: skip
     codes = [p.wait() for p in procs]

@@ -46,6 +46,11 @@ def test_patch_on_gpt2_tokenizer_folder(gpt2_tiny_dir, tmp_path):
         (["patch", "--task", "pow"], "Invalid value for '--task'"),
         (["patch", "--n", "0"], "empty dataset"),
         (["train", "--task", "add", "--device", "gpu0"], "unknown device 'gpu0'"),
+        (["train", "--task", "add", "--set", "width=3"], "unknown setting 'width' for task 'add'; choose one of:"),
+        (["train", "--task", "add", "--set", "advance_at=0.9"], "unknown setting 'advance_at'"),  # mul4 only
+        (["train", "--task", "mul4-icot", "--set", "lr=fast"], "setting lr='fast': the value must be float"),
+        (["train", "--task", "mul4-icot", "--set", "advance_at=2"], "advance_at=2.0 must lie in (0, 1]"),
+        (["train", "--task", "mul4-icot", "--set", "lr"], "setting 'lr' is not name=value"),
     ],
 )
 def test_errors_are_one_line(args, match, capsys, tmp_path):
@@ -87,3 +92,17 @@ def test_package_imports_its_analysis_stack_lazily():
 
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         arithinterp.nope  # noqa: B018
+
+
+def test_train_set_reaches_config_and_schedule(tmp_path, capsys):
+    """`arithinterp train --set` overrides both TrainConfig and, for mul4 tasks, the stage schedule."""
+    out = tmp_path / "icot"
+    sets = ["d_model=32", "d_mlp=64", "n_head=2", "batch_size=8", "n_test=10", "eval_every=2", "warmup=1",
+            "steps_per_stage=1", "remove_per_stage=22", "advance_at=0.5"]  # fmt: skip
+    assert main(["train", "--task", "mul4-icot", "--steps", "4", "--out", str(out),
+                 *[a for s in sets for a in ("--set", s)]]) == 0  # fmt: skip
+    card = json.loads((out / "arithinterp.json").read_text())
+    assert card["train_config"]["d_model"] == 32 and card["train_config"]["steps"] == 4
+    assert card["schedule"]["remove_per_stage"] == 22 and card["schedule"]["advance_at"] == 0.5
+    assert card["stage_starts"] == [0, 1, 2]  # stages of 1 step: removing 0, 22, then all 44 tokens
+    assert "held-out" in capsys.readouterr().out

@@ -117,10 +117,48 @@ def test_stage_schedule():
     assert steps == {"mul4-icot": 30_000, "mul4-sft": 30_000, "mul4-aux": 30_000}  # the same budget for all three
     assert all((default_config(t).n_layer, default_config(t).n_head) == (2, 4) for t in mul4.TASKS)  # Bai et al.
     cfg = dataclasses.replace(default_config("mul4-icot"), warmup=10)
-    assert mul4._lr(cfg, s, 3500) == pytest.approx(cfg.lr / 10)  # warm-up restarts with the fresh optimiser
-    assert mul4._lr(cfg, s, 3510) == pytest.approx(cfg.lr)
+    clock = mul4.StageClock(s)
+    assert mul4._lr(cfg, clock, 3500) == pytest.approx(cfg.lr / 10)  # warm-up restarts with the fresh optimiser
+    assert mul4._lr(cfg, clock, 3510) == pytest.approx(cfg.lr)
     with pytest.raises(ArithInterpError, match="remove_per_stage=45"):
         mul4.Mul4Schedule(remove_per_stage=45)
+
+
+def test_adaptive_stage_clock():
+    """A stage ends when `advance` is called or after steps_per_stage steps, whichever is first; the last stage
+    never ends; the starts survive a state_dict round trip."""
+    sched = mul4.Mul4Schedule(remove_per_stage=20, steps_per_stage=100, advance_at=0.9)  # stages: 0, 20, 40, 44
+    clock = mul4.StageClock(sched)
+    assert [clock.stage(t) for t in (0, 39)] == [0, 0]
+    clock.advance(40)  # stage 0 learnt at step 40
+    assert (clock.stage(40), clock.start(1), clock.stage(139)) == (1, 40, 1)
+    assert (clock.stage(140), clock.start(2)) == (2, 140)  # stage 1 ran out of steps
+    clock.advance(150)
+    assert (clock.stage(10_000), clock.start(3)) == (3, 150)
+    clock.advance(10_000)  # the last stage runs to the end
+    assert clock.starts == [0, 40, 140, 150]
+    other = mul4.StageClock(sched)
+    other.load_state_dict(clock.state_dict())
+    assert other.starts == clock.starts and other.stage(10_001) == 3
+    fixed = mul4.StageClock(dataclasses.replace(sched, advance_at=None))
+    assert [fixed.stage(t) for t in (0, 99, 100, 250, 99_999)] == [0, 0, 1, 2, 3] and fixed.start(2) == 200
+    with pytest.raises(ArithInterpError, match="advance_at=0.0 must lie in"):
+        mul4.Mul4Schedule(advance_at=0.0)
+
+
+def test_configure_overrides_config_and_schedule():
+    from arithinterp.train import configure
+
+    cfg, sched = configure("mul4-icot", ["lr=3e-4", "d_model=64", "steps_per_stage=7", "advance-at=0.95"])
+    assert (cfg.lr, cfg.d_model, cfg.n_head, sched.steps_per_stage, sched.advance_at) == (3e-4, 64, 4, 7, 0.95)
+    assert sched.remove_per_stage == mul4.SCHEDULES["mul4-icot"].remove_per_stage  # the rest stays the default
+    assert configure("mul4-icot", ["advance_at=none"])[1].advance_at is None
+    cfg, sched = configure("add", ["steps=10"])
+    assert cfg.steps == 10 and sched is None
+    with pytest.raises(ArithInterpError, match="d_model=66 must be divisible by n_head=4"):
+        configure("mul4-sft", ["d_model=66"])
+    with pytest.raises(ArithInterpError, match="does not fit task 'mul4-sft'"):
+        train(default_config("mul4-sft"), "unused", schedule=mul4.SCHEDULES["mul4-icot"])
 
 
 @pytest.mark.parametrize("task", mul4.TASKS)
@@ -177,6 +215,10 @@ def test_icot_resume_is_bit_identical_across_stages(tmp_path, monkeypatch):
     assert part == {"finished": False, "step": 5, "stage": 2}
     state = torch.load(tmp_path / "resumed" / "checkpoint" / "checkpoint.pt", weights_only=True)
     assert int(state["opt"]["state"][0]["step"]) == 1  # the optimiser was reset at the start of stage 2 (step 4)
+    settings_path = tmp_path / "resumed" / "checkpoint" / "settings.json"
+    old = json.loads(settings_path.read_text())
+    del old["schedule"]["advance_at"]  # a run checkpointed before the field existed still resumes
+    settings_path.write_text(json.dumps(old))
     done = train(cfg, tmp_path / "resumed", progress=False)
     a, b = load_file(tmp_path / "full" / "model.safetensors"), load_file(tmp_path / "resumed" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -186,6 +228,35 @@ def test_icot_resume_is_bit_identical_across_stages(tmp_path, monkeypatch):
     train(dataclasses.replace(cfg, lr=0.5), tmp_path / "resumed2", progress=False, max_steps_this_run=1)
     with pytest.raises(ArithInterpError, match="other settings"):
         train(cfg, tmp_path / "resumed2", progress=False)
+
+
+@pytest.mark.slow
+def test_adaptive_stages_advance_on_validation_and_resume(tmp_path, monkeypatch):
+    """With advance_at, a stage ends at the first evaluation whose validation exact match reaches it (here forced
+    to 1.0 from step 4 on), the optimiser is reset there, and a run resumed mid-way matches one run straight."""
+    real = mul4.evaluate
+
+    def evaluate(model, seed, n, removed=mul4.COT_LEN, batch_size=500, problems=None):
+        out = real(model, seed, n, removed, batch_size, problems)
+        if problems is not None:  # the validation problems; only these may decide a stage's end
+            assert torch.equal(problems[0], mul4.validation(seed)[0]) and n == mul4.VALIDATION_N
+            return out | {"exact_match": 1.0}
+        return out
+
+    monkeypatch.setattr(mul4, "evaluate", evaluate)
+    sched = mul4.Mul4Schedule(remove_per_stage=20, steps_per_stage=100, advance_at=0.5)
+    cfg = TrainConfig(task="mul4-icot", steps=13, **TINY)  # evaluations at steps 4, 8, 12
+    full = train(cfg, tmp_path / "full", progress=False, schedule=sched)
+    assert full["stage_starts"] == [0, 4, 8, 12]
+    log = [json.loads(line) for line in (tmp_path / "full" / "training_log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log if e.get("advanced")] == [4, 8, 12]
+    part = train(cfg, tmp_path / "resumed", progress=False, schedule=sched, max_steps_this_run=9)
+    assert part == {"finished": False, "step": 9, "stage": 2}
+    state = torch.load(tmp_path / "resumed" / "checkpoint" / "checkpoint.pt", weights_only=True)
+    assert state["stages"] == {"starts": [0, 4, 8]} and int(state["opt"]["state"][0]["step"]) == 1
+    done = train(cfg, tmp_path / "resumed", progress=False, schedule=sched)
+    a, b = load_file(tmp_path / "full" / "model.safetensors"), load_file(tmp_path / "resumed" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a) and done["stage_starts"] == [0, 4, 8, 12]
 
 
 @pytest.mark.slow
