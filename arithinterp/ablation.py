@@ -33,7 +33,7 @@ from arithinterp._errors import ArithInterpError, check_choice
 from arithinterp.circuit import as_components
 from arithinterp.metrics import make_metric
 from arithinterp.patching import Component, model_dims
-from arithinterp.tasks import Dataset
+from arithinterp.tasks import Dataset, answer_correct
 
 ABLATIONS = ("mean", "resample", "zero")
 POSITIONS = ("all", "final")
@@ -60,15 +60,6 @@ class AblationRuns:
     full: Float[Tensor, " batch"]
     full_correct: Float[Tensor, " batch"]
     corrupted: Float[Tensor, " batch"]
-
-
-def _correct(logits: Float[Tensor, "... batch d_vocab"], dataset: Dataset) -> Float[Tensor, "... batch"]:
-    """Greedy answer is right (greater-than: the argmax year is a correct one)."""
-    if dataset.token_set is not None:
-        pick = logits[..., dataset.token_set].argmax(-1)  # (..., batch)
-        pos = dataset.positive.expand(*pick.shape[:-1], *dataset.positive.shape)
-        return pos.gather(-1, pick[..., None])[..., 0].float()
-    return (logits.argmax(-1) == dataset.answer_ids).float()
 
 
 def _masks(
@@ -298,9 +289,9 @@ def run_ablations(
             logits = _run_fast(w, part.clean_tokens, *args)
         pm = make_metric(metric, part, clean_logits=full_logits[bi] if metric == "kl" else None)
         values[si, bi] = pm.from_full_logits(logits)
-        correct[si, bi] = _correct(logits, part)
+        correct[si, bi] = answer_correct(logits, part).float()
     return AblationRuns(
         metric=metric, ablation=ablation, positions=positions, engine=engine, values=values[inverse],
-        correct=correct[inverse], full=m.from_full_logits(full_logits), full_correct=_correct(full_logits, dataset),
-        corrupted=m.from_full_logits(corr_logits),
+        correct=correct[inverse], full=m.from_full_logits(full_logits),
+        full_correct=answer_correct(full_logits, dataset).float(), corrupted=m.from_full_logits(corr_logits),
     )  # fmt: skip

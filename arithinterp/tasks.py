@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 import torch
-from jaxtyping import Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from arithinterp._errors import ArithInterpError
@@ -540,16 +540,23 @@ def load_jsonl(path: str | Path, tokenizer) -> Dataset:
 
 
 @torch.no_grad()
+def answer_correct(logits: Float[Tensor, "... batch d_vocab"], dataset: Dataset,
+                   rows: slice = slice(None)) -> Bool[Tensor, "... batch"]:  # fmt: skip
+    """Whether each greedy answer is right, from final-position logits of the examples `rows` of `dataset` (any
+    leading axes, e.g. one per ablation): the argmax is the answer token; greater-than: the argmax year > YY."""
+    if dataset.token_set is not None:
+        pick = logits[..., dataset.token_set].argmax(-1)  # (..., batch)
+        positive = dataset.positive[rows]
+        return positive.expand(*pick.shape[:-1], *positive.shape).gather(-1, pick[..., None])[..., 0]
+    return logits.argmax(-1) == dataset.answer_ids[rows]
+
+
 def correct_mask(model, dataset: Dataset, batch_size: int = 256) -> torch.BoolTensor:
     """Which clean prompts the model answers correctly (greedy answer token; greater-than: argmax year > YY)."""
     out = []
     for i in range(0, len(dataset), batch_size):
-        logits = model(dataset.clean_tokens[i : i + batch_size])[:, -1]
-        if dataset.token_set is not None:
-            pick = logits[:, dataset.token_set].argmax(-1)
-            out.append(dataset.positive[i : i + batch_size].gather(1, pick[:, None])[:, 0])
-        else:
-            out.append(logits.argmax(-1) == dataset.answer_ids[i : i + batch_size])
+        rows = slice(i, i + batch_size)
+        out.append(answer_correct(model(dataset.clean_tokens[rows])[:, -1], dataset, rows))
     return torch.cat(out)
 
 

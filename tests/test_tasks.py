@@ -131,3 +131,24 @@ def test_correct_mask_on_copy_head_model(copy_head_dir, char_tokenizer):
     assert torch.equal(correct_mask(model, ds), expected)
     copy_ds = dataclasses.replace(ds, answer_ids=a_ids)
     assert correct_mask(model, copy_ds).all()
+
+
+def test_answer_correct_worked_by_hand(char_tokenizer):
+    """Greedy-answer scoring with a leading axis (one row per ablation), on both scoring kinds."""
+    import dataclasses
+
+    from arithinterp.tasks import answer_correct
+
+    ds = make_dataset(char_tokenizer, task="add", n=3, seed=0)
+    logits = torch.zeros(2, 3, len(char_tokenizer))  # (set, batch, d_vocab)
+    logits[0, torch.arange(3), ds.answer_ids] = 1.0  # set 0: every answer is the argmax
+    logits[1, 1, ds.answer_ids[1]] = 1.0  # set 1: only example 1's (argmax of all-zero rows is token 0)
+    wrong0 = [bool(ds.answer_ids[i] == 0) for i in range(3)]
+    assert answer_correct(logits, ds).tolist() == [[True] * 3, [wrong0[0], True, wrong0[2]]]
+    assert answer_correct(logits[1, 1:], ds, slice(1, 3)).tolist() == [True, wrong0[2]]
+    # set-valued scoring (greater-than): tokens 5, 6, 7 form the set; example i accepts only set member i
+    sets = dataclasses.replace(ds, token_set=torch.tensor([5, 6, 7]), positive=torch.eye(3, dtype=torch.bool))
+    logits = torch.zeros(2, 3, len(char_tokenizer))
+    logits[:, :, 6] = 1.0  # everyone picks set member 1
+    assert answer_correct(logits, sets).tolist() == [[False, True, False]] * 2
+    assert answer_correct(logits[0, 1:], sets, slice(1, 3)).tolist() == [True, False]
