@@ -595,6 +595,35 @@ def mul4_dataset(tokenizer, config):
                    counterfactual_ids=corrupt[:, -1])  # fmt: skip
 
 
+def run_log(run: str | Path) -> list[dict]:
+    """The training log of a mul4 run folder: from its checkpoint while it is unfinished, else from
+    `training_log.jsonl` (a finished run or a shipped model folder)."""
+    run = Path(run)
+    ckpt = run / "checkpoint" / "checkpoint.pt"
+    if ckpt.is_file():
+        return torch.load(ckpt, weights_only=True, map_location="cpu")["log"]
+    if (run / "training_log.jsonl").is_file():
+        return [json.loads(line) for line in (run / "training_log.jsonl").read_text().splitlines() if line.strip()]
+    raise ArithInterpError(f"{str(run)!r} holds neither a checkpoint nor training_log.jsonl; pass a run folder or "
+                           "a model folder.")  # fmt: skip
+
+
+def stage_table(log: list[dict]) -> list[dict]:
+    """One row per internalization stage reached: the CoT tokens it removed, its first and last logged step, and
+    its last evaluation (500 held-out problems in the stage's own format: `exact` = the whole target, `answer` =
+    the 8 output digits, `digits`; `val` = validation exact match where stages are adaptive) and whether it ended
+    early on reaching `advance_at`."""
+    rows: dict[int, dict] = {}
+    for e in log:
+        row = rows.setdefault(e["stage"], {"stage": e["stage"], "removed": e["removed"], "first_step": e["step"]})
+        row["last_step"] = e["step"]
+        if "eval_exact_match" in e:
+            row |= {"eval_step": e["step"], "exact": e["eval_exact_match"], "answer": e["eval_answer_exact_match"],
+                    "digits": e["eval_digit_accuracy"], "val": e.get("val_exact_match")}  # fmt: skip
+        row["advanced"] = row.get("advanced", False) or bool(e.get("advanced"))
+    return [rows[k] for k in sorted(rows)]
+
+
 def export_checkpoint(run: str | Path, dest: str | Path, *, n_test: int | None = None) -> dict:
     """Ship an unfinished run: write the checkpoint in `run` as a model folder `dest` (HF weights, tokenizer,
     `training_log.jsonl`, `arithinterp.json` with `"finished": false`, the step and stage reached, and held-out

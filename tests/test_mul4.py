@@ -254,9 +254,17 @@ def test_adaptive_stages_advance_on_validation_and_resume(tmp_path, monkeypatch)
     assert part == {"finished": False, "step": 9, "stage": 2}
     state = torch.load(tmp_path / "resumed" / "checkpoint" / "checkpoint.pt", weights_only=True)
     assert state["stages"] == {"starts": [0, 4, 8]} and int(state["opt"]["state"][0]["step"]) == 1
+    unfinished = mul4.run_log(tmp_path / "resumed")  # read from the checkpoint
+    assert [e["step"] for e in unfinished] == [e["step"] for e in log if e["step"] <= 9]
     done = train(cfg, tmp_path / "resumed", progress=False, schedule=sched)
     a, b = load_file(tmp_path / "full" / "model.safetensors"), load_file(tmp_path / "resumed" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a) and done["stage_starts"] == [0, 4, 8, 12]
+    table = mul4.stage_table(mul4.run_log(tmp_path / "full"))
+    assert [(r["stage"], r["removed"], r["last_step"], r["advanced"]) for r in table] == [
+        (0, 0, 4, True), (1, 20, 8, True), (2, 40, 12, True), (3, 44, 13, False)]  # fmt: skip
+    assert table[0]["val"] == 1.0 and table[3]["val"] is None  # the last stage never advances, so no validation
+    with pytest.raises(ArithInterpError, match="holds neither a checkpoint nor training_log.jsonl"):
+        mul4.run_log(tmp_path)
 
 
 @pytest.mark.slow
