@@ -48,7 +48,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from arithinterp._errors import ArithInterpError
-from arithinterp._io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from arithinterp._io import atomic_write_bytes, atomic_write_json
 from arithinterp.tokenizer import VOCAB
 from arithinterp.train import _MUL4_DEFAULTS, random_pairs
 
@@ -445,7 +445,8 @@ def train_mul4(cfg, out: str | Path, *, overwrite: bool = False, progress: bool 
     if cfg.task not in SCHEDULES:
         raise ArithInterpError(f"task {cfg.task!r} is not a multiplication task; choose one of: {', '.join(TASKS)}.")
     sched = SCHEDULES[cfg.task] if schedule is None else schedule
-    if (sched.remove_per_stage == 0) != (cfg.task != "mul4-icot") or (sched.aux_weight > 0) != (cfg.task == "mul4-aux"):
+    removes_cot, has_aux = sched.remove_per_stage > 0, sched.aux_weight > 0
+    if removes_cot != (cfg.task == "mul4-icot") or has_aux != (cfg.task == "mul4-aux"):
         raise ArithInterpError(f"schedule {sched} does not fit task {cfg.task!r}: only mul4-icot removes chain-of-"
                                "thought tokens (remove_per_stage > 0), only mul4-aux has aux_weight > 0.")  # fmt: skip
     out = Path(out)
@@ -628,7 +629,7 @@ def export_checkpoint(run: str | Path, dest: str | Path, *, n_test: int | None =
     """Ship an unfinished run: write the checkpoint in `run` as a model folder `dest` (HF weights, tokenizer,
     `training_log.jsonl`, `arithinterp.json` with `"finished": false`, the step and stage reached, and held-out
     accuracy in the no-cot format). The run itself is untouched and resumes as before."""
-    from arithinterp.train import TrainConfig, _write_model_folder, build_model
+    from arithinterp.train import TrainConfig, _write_model_folder, build_model, write_log
 
     run, dest = Path(run), Path(dest)
     ckpt = run / "checkpoint" / "checkpoint.pt"
@@ -652,7 +653,7 @@ def export_checkpoint(run: str | Path, dest: str | Path, *, n_test: int | None =
         from safetensors.torch import save
 
         atomic_write_bytes(dest / "aux_heads.safetensors", save(state["aux"]))  # atomic, like train_mul4's
-    atomic_write_text(dest / "training_log.jsonl", "".join(json.dumps(e) + "\n" for e in state["log"]))
+    write_log(dest, state["log"])
     summary = {
         "name": dest.name, "description": TASK_DESCRIPTIONS[cfg.task], "task": cfg.task, "finished": False,
         "step": state["step"], "steps": cfg.steps, "stage": stage, "stages": len(sched.removals),

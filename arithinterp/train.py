@@ -531,13 +531,18 @@ def finish_run(out: Path, model, log: list[dict], summary: dict) -> dict:
     leaves either a resumable checkpoint or a complete folder.
     """
     _write_model_folder(out, model)
-    atomic_write_text(out / "training_log.jsonl", "".join(json.dumps(e) + "\n" for e in log))
+    write_log(out, log)
     atomic_write_json(out / "arithinterp.json", summary)
     for p in (out / "checkpoint" / "checkpoint.pt", out / "checkpoint" / "settings.json"):
         p.unlink(missing_ok=True)
     if (out / "checkpoint").is_dir():
         (out / "checkpoint").rmdir()
     return summary
+
+
+def write_log(out: Path, log: list[dict]) -> None:
+    """Atomically write a training log as `<out>/training_log.jsonl`, one JSON entry a line."""
+    atomic_write_text(out / "training_log.jsonl", "".join(json.dumps(e) + "\n" for e in log))
 
 
 def _write_model_folder(out: Path, model, tokenizer=None) -> None:

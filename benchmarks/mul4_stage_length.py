@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 
 import torch
 
@@ -47,12 +46,10 @@ def main() -> None:
     parser.add_argument("--max-seconds", type=float, default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    mul4.SCHEDULES["mul4-icot"] = TwoStages(remove_per_stage=8, stage0_steps=args.stage0)
+    schedule = TwoStages(remove_per_stage=8, stage0_steps=args.stage0)
     cfg = dataclasses.replace(default_config("mul4-icot"), steps=args.stage0 + args.stage1, **CPU_SIZE)
-    result = mul4.train_mul4(cfg, args.out, progress=True, max_seconds=args.max_seconds)
-    state = torch.load(f"{args.out}/checkpoint/checkpoint.pt", weights_only=True) if not result.get("name") else None
-    log = state["log"] if state is not None else [json.loads(x) for x in open(f"{args.out}/training_log.jsonl")]
-    for e in log:
+    mul4.train_mul4(cfg, args.out, progress=True, max_seconds=args.max_seconds, schedule=schedule)
+    for e in mul4.run_log(args.out):
         if "eval_exact_match" in e and e["stage"] == 1:
             print(f"step {e['step']:6} ({e['step'] - args.stage0:5} into stage 1)  whole target exact "
                   f"{e['eval_exact_match']:.3f}  answer exact {e['eval_answer_exact_match']:.3f}  "

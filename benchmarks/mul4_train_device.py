@@ -31,7 +31,7 @@ NAMES = {"mul4-icot": "icot-mul4", "mul4-sft": "sft-mul4", "mul4-aux": "aux-mul4
 def run_one(task: str, out: Path, device: str, chunk: int, max_seconds: float | None, settings: list[str]) -> None:
     import torch
 
-    from arithinterp.mul4 import train_mul4
+    from arithinterp.mul4 import run_log, train_mul4
     from arithinterp.train import configure
 
     torch.set_num_threads(1)
@@ -49,8 +49,8 @@ def run_one(task: str, out: Path, device: str, chunk: int, max_seconds: float | 
         result = train_mul4(cfg, out, progress=False, max_steps_this_run=chunk, max_seconds=left, device=device,
                             schedule=schedule)  # fmt: skip
         if result.get("finished") is False:
-            state = torch.load(ckpt, weights_only=True, map_location="cpu")
-            last = next((e for e in reversed(state["log"]) if "eval_exact_match" in e), (state["log"] or [{}])[-1])
+            log = run_log(out)
+            last = next((e for e in reversed(log) if "eval_exact_match" in e), (log or [{}])[-1])
             shown = {k: v for k, v in last.items() if k not in ("lr", "time_s")}
             print(
                 f"[{task}] step {result['step']}/{cfg.steps} stage {result['stage']}  "
