@@ -157,6 +157,24 @@ def encode(a: Int[Tensor, " batch"], b: Int[Tensor, " batch"], removed: int = CO
     return torch.cat(parts, 1)
 
 
+def encode_removed(a: Int[Tensor, " batch"], b: Int[Tensor, " batch"],
+                   removed: Int[Tensor, " batch"]) -> Int[Tensor, "batch seq"]:  # fmt: skip
+    """`encode` with its own number of removed CoT tokens per example (removal smoothing per example, as Deng et
+    al.): row i is `encode(a[i:i+1], b[i:i+1], removed[i])`, right-padded with "<pad>" to the longest row. The pads
+    follow "<eos>", so under causal attention they change no logit at a real position; `target_cross_entropy`
+    leaves them out of the loss."""
+    removed = torch.as_tensor(removed, dtype=torch.long)
+    if removed.shape != a.shape or removed.numel() == 0 or not bool(((removed >= 0) & (removed <= COT_LEN)).all()):
+        raise ArithInterpError(f"removed must hold one count in 0..{COT_LEN} per example; got {removed.tolist()}.")
+    full = encode(a, b, 0)  # (batch, NO_COT_LEN + COT_LEN)
+    width = full.shape[1] - int(removed.min())
+    pos = torch.arange(width)[None, :]
+    src = torch.where(pos < PREFIX, pos, pos + removed[:, None])  # skip the first removed[i] CoT tokens
+    inside = src < full.shape[1]
+    seq = full.gather(1, src.clamp(max=full.shape[1] - 1))
+    return torch.where(inside, seq, _STOI["<pad>"])
+
+
 def held_out(seed: int, n: int) -> tuple[Int[Tensor, " n"], Int[Tensor, " n"]]:
     """The held-out test problems (drawn with seed 10_000 + seed; never in a training batch)."""
     return random_pairs(n, 10_000 + seed, DIGITS)
@@ -201,6 +219,10 @@ class Mul4Schedule:
     remove_per_stage: int = 8  # chain-of-thought tokens removed per internalization stage (0: no-cot throughout)
     steps_per_stage: int = 3500  # steps of every stage but the last (which gets the remaining steps)
     smoothing: float = 4.0  # removal smoothing (Deng et al.): extra removed tokens o ~ exp(-smoothing·o); 0 = off
+    # "batch": one offset o per batch (every row of a batch in the same format); "example": one per example, as
+    # in Deng et al.'s code (the rows padded to one length). Same share of shifted rows, but "batch" feeds
+    # the optimiser a batch of shifted rows about every 1 / (1 - exp(-smoothing)) ≈ 55 steps (smoothing 4).
+    smoothing_per: str = "batch"
     aux_weight: float = 0.0  # weight of the running-sum regression loss (mul4-aux)
     aux_scale: float = 10.0  # the head regresses ĉ_k / aux_scale
     # Adaptive stages: a stage also ends at the first evaluation (every eval_every steps) at which the whole target
@@ -221,6 +243,9 @@ class Mul4Schedule:
         if not 0 <= self.start_removed < COT_LEN or (self.start_removed and not self.remove_per_stage):
             raise ArithInterpError(f"start_removed={self.start_removed} must lie in 0..{COT_LEN - 1}, and be 0 "
                                    "without chain of thought (remove_per_stage=0).")  # fmt: skip
+        if self.smoothing_per not in ("batch", "example"):
+            raise ArithInterpError(f"smoothing_per={self.smoothing_per!r} must be 'batch' (one removal-smoothing "
+                                   "offset per batch) or 'example' (one per example, as Deng et al.).")  # fmt: skip
         if self.steps_per_stage < 1:
             raise ArithInterpError(f"steps_per_stage={self.steps_per_stage} must be >= 1.")
         if self.smoothing < 0 or self.aux_weight < 0 or self.aux_scale <= 0:
@@ -430,8 +455,10 @@ def running_sums(a: Int[Tensor, " batch"], b: Int[Tensor, " batch"]) -> Float[Te
 
 def target_cross_entropy(logits: Float[Tensor, "batch pos vocab"], seq: Int[Tensor, "batch seq"]) -> Tensor:
     """The training loss: mean cross-entropy of every target token of `seq` (all after the prompt "<bos>a*b$": the
-    remaining chain of thought, "=", the answer and <eos>), from the `logits` of `seq[:, :-1]`."""
-    return F.cross_entropy(logits[:, PREFIX - 1 :].reshape(-1, logits.shape[-1]), seq[:, PREFIX:].reshape(-1))
+    remaining chain of thought, "=", the answer and <eos>), from the `logits` of `seq[:, :-1]`. "<pad>" targets (the
+    padding of `encode_removed`) are left out of the mean."""
+    return F.cross_entropy(logits[:, PREFIX - 1 :].reshape(-1, logits.shape[-1]), seq[:, PREFIX:].reshape(-1),
+                           ignore_index=_STOI["<pad>"])  # fmt: skip
 
 
 def _last_attn_capture(model) -> tuple[dict, Any]:
@@ -468,8 +495,19 @@ def _smoothed_removal(sched: Mul4Schedule, base: int, g: torch.Generator) -> int
     """`base` plus the removal-smoothing offset o with P(o) ∝ exp(-smoothing·o) (Deng et al. 2024)."""
     if sched.smoothing == 0 or base >= COT_LEN:
         return base
-    weights = torch.exp(-sched.smoothing * torch.arange(COT_LEN - base + 1, dtype=torch.float))
-    return base + int(torch.multinomial(weights, 1, generator=g))
+    return base + int(torch.multinomial(_offset_weights(sched, base), 1, generator=g))
+
+
+def _smoothed_removals(sched: Mul4Schedule, base: int, n: int, g: torch.Generator) -> Int[Tensor, " n"]:
+    """One `_smoothed_removal` per example (`smoothing_per="example"`), drawn independently."""
+    if sched.smoothing == 0 or base >= COT_LEN:
+        return torch.full((n,), base)
+    return base + torch.multinomial(_offset_weights(sched, base), n, replacement=True, generator=g)
+
+
+def _offset_weights(sched: Mul4Schedule, base: int) -> Tensor:
+    """Unnormalised P(o) ∝ exp(-smoothing·o) for o = 0..COT_LEN - base (never past the no-cot format)."""
+    return torch.exp(-sched.smoothing * torch.arange(COT_LEN - base + 1, dtype=torch.float))
 
 
 def _extend_steps(out: Path, settings: dict) -> None:
@@ -499,8 +537,8 @@ def _extend_steps(out: Path, settings: dict) -> None:
 
 
 def _upgrade_settings(out: Path) -> None:
-    """Let a run checkpointed before a `Mul4Schedule` field existed (`advance_at`, `start_removed`, `init_from`)
-    resume: its settings lack the field, whose default is what the run did."""
+    """Let a run checkpointed before a `Mul4Schedule` field existed (`advance_at`, `start_removed`,
+    `init_from`, `smoothing_per`) resume: its settings lack the field, whose default is what the run did."""
     path = out / "checkpoint" / "settings.json"
     if path.is_file():
         settings = json.loads(path.read_text())
@@ -627,9 +665,13 @@ def train_mul4(cfg, out: str | Path, *, overwrite: bool = False, progress: bool 
         stage = clock.stage(step)
         if stage > 0 and step == clock.start(stage):
             opt = _optimizer(cfg, params)  # a fresh optimiser for every stage (Deng et al.)
-        removed = _smoothed_removal(sched, sched.removals[stage], gen)
-        a, b = sampler(cfg.batch_size, gen)
-        seq = encode(a, b, removed).to(device)
+        if sched.smoothing_per == "example":
+            a, b = sampler(cfg.batch_size, gen)
+            seq = encode_removed(a, b, _smoothed_removals(sched, sched.removals[stage], len(a), gen)).to(device)
+        else:
+            removed = _smoothed_removal(sched, sched.removals[stage], gen)
+            a, b = sampler(cfg.batch_size, gen)
+            seq = encode(a, b, removed).to(device)
         for group in opt.param_groups:
             group["lr"] = _lr(cfg, clock, step)
         logits = model(seq[:, :-1]).logits

@@ -85,6 +85,59 @@ def test_vectorised_encoding_matches_text(removed):
     ]
 
 
+def test_per_example_removal_pads_each_row_after_its_eos():
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randint(0, 10_000, (6,), generator=g), torch.randint(0, 10_000, (6,), generator=g)
+    removed = torch.tensor([0, 3, 44, 17, 3, 43])
+    seq = mul4.encode_removed(a, b, removed)
+    assert seq.shape == (6, mul4.N_POSITIONS)  # as long as the row with nothing removed
+    for row, x, y, r in zip(seq, a, b, removed.tolist()):
+        own = mul4.encode(x[None], y[None], r)[0]
+        assert torch.equal(row[: len(own)], own) and _text(row[len(own) :]) == "<pad>" * r
+    assert torch.equal(mul4.encode_removed(a, b, torch.full((6,), 17)), mul4.encode(a, b, 17))  # no padding
+    for bad in (torch.tensor([0, 45, 0, 0, 0, 0]), torch.tensor([1, 2])):
+        with pytest.raises(ArithInterpError, match="one count in 0..44 per example"):
+            mul4.encode_removed(a, b, bad)
+
+
+def test_padded_rows_cost_what_they_cost_alone():
+    """The loss of a ragged batch is the mean over the real target tokens of all rows: each row run on its own,
+    unpadded, gives the same per-token cross-entropies (the pads after <eos> change no logit before them)."""
+    cfg = TrainConfig(task="mul4-icot", steps=1, **TINY)
+    model = build_model(cfg, mul4.N_POSITIONS_MODEL).eval()
+    a, b, removed = torch.tensor([1234, 9876, 5]), torch.tensor([5678, 4321, 7]), torch.tensor([2, 30, 44])
+    seq = mul4.encode_removed(a, b, removed)
+    with torch.no_grad():
+        loss = mul4.target_cross_entropy(model(seq[:, :-1]).logits, seq)
+        total, count = 0.0, 0
+        for x, y, r in zip(a, b, removed.tolist()):
+            own = mul4.encode(x[None], y[None], r)
+            per_token = torch.nn.functional.cross_entropy(
+                model(own[:, :-1]).logits[0, mul4.PREFIX - 1 :], own[0, mul4.PREFIX :], reduction="sum"
+            )
+            total, count = total + per_token.item(), count + own.shape[1] - mul4.PREFIX
+    assert count == 3 * (mul4.N_POSITIONS - mul4.PREFIX) - 76
+    assert loss.item() == pytest.approx(total / count, rel=1e-5)
+
+
+def test_removal_offsets_follow_the_smoothing_distribution():
+    """P(o) ∝ exp(-λ·o), o = 0..44 - base: with λ = 1, P(0) = 1 - e^-1 ≈ 0.632 and P(1) ≈ 0.233 (worked by
+    hand; the truncation at 44 - base = 4 changes them by under 1%), drawn per example and per batch alike."""
+    sched = mul4.Mul4Schedule(smoothing=1.0, smoothing_per="example")
+    g = torch.Generator().manual_seed(0)
+    per_example = mul4._smoothed_removals(sched, 40, 100_000, g) - 40
+    per_batch = torch.tensor([mul4._smoothed_removal(sched, 40, g) - 40 for _ in range(20_000)])
+    z = sum(np.exp(-o) for o in range(5))
+    for draws in (per_example, per_batch):
+        assert draws.min() >= 0 and draws.max() <= 4
+        for o in (0, 1, 2):
+            assert (draws == o).float().mean().item() == pytest.approx(np.exp(-o) / z, abs=0.01)
+    assert (mul4._smoothed_removals(dataclasses.replace(sched, smoothing=0.0), 40, 5, g) == 40).all()
+    assert (mul4._smoothed_removals(sched, 44, 5, g) == 44).all()
+    with pytest.raises(ArithInterpError, match="smoothing_per='row'"):
+        mul4.Mul4Schedule(smoothing_per="row")
+
+
 def test_positions_of_the_no_cot_format():
     seq = mul4.encode(torch.tensor([1234]), torch.tensor([5678]))[0]
     assert (
@@ -233,8 +286,11 @@ def test_aux_hook_is_transformer_lens_attn_out(tmp_path, char_tokenizer):
 
 
 @pytest.mark.slow
-def test_icot_resume_is_bit_identical_across_stages(tmp_path, monkeypatch):
-    monkeypatch.setitem(mul4.SCHEDULES, "mul4-icot", mul4.Mul4Schedule(remove_per_stage=20, steps_per_stage=2))
+@pytest.mark.parametrize("per", ["batch", "example"])
+def test_icot_resume_is_bit_identical_across_stages(tmp_path, monkeypatch, per):
+    # smoothing 1: about a third of the removal offsets are nonzero, so "example" batches are padded
+    sched = mul4.Mul4Schedule(remove_per_stage=20, steps_per_stage=2, smoothing=1.0, smoothing_per=per)
+    monkeypatch.setitem(mul4.SCHEDULES, "mul4-icot", sched)
     cfg = TrainConfig(task="mul4-icot", steps=8, **TINY)  # stages remove 0, 20, 40, 44 tokens
     full = train(cfg, tmp_path / "full", progress=False)
     part = train(cfg, tmp_path / "resumed", progress=False, max_steps_this_run=5)
@@ -243,7 +299,7 @@ def test_icot_resume_is_bit_identical_across_stages(tmp_path, monkeypatch):
     assert int(state["opt"]["state"][0]["step"]) == 1  # the optimiser was reset at the start of stage 2 (step 4)
     settings_path = tmp_path / "resumed" / "checkpoint" / "settings.json"
     old = json.loads(settings_path.read_text())
-    for field in ("advance_at", "start_removed", "init_from"):
+    for field in ("advance_at", "start_removed", "init_from") + (("smoothing_per",) if per == "batch" else ()):
         del old["schedule"][field]  # a run checkpointed before these fields existed still resumes
     settings_path.write_text(json.dumps(old))
     done = train(cfg, tmp_path / "resumed", progress=False)
