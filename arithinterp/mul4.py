@@ -408,6 +408,39 @@ def token_accuracy(model, seed: int, n: int, removed: int = COT_LEN, batch_size:
 
 
 @torch.no_grad()
+def cot_reliance(model, a: Int[Tensor, " n"], b: Int[Tensor, " n"], removed: int, *, seed: int = 0,
+                 batch_size: int = 500) -> tuple[list[str], list[str], Float[Tensor, "target source"]]:  # fmt: skip
+    """Which written chain-of-thought digits a model's predictions read, in the format with `removed` tokens gone.
+
+    For every remaining CoT digit token s (the sources; separators are left out), s is replaced in each problem by
+    another digit (a random nonzero shift mod 10, drawn with `seed`) while everything else stays teacher-forced;
+    entry [t, s] is the share of problems whose argmax at target token t changes. A model that reads its written
+    running sum to get c_3 has a large [c3, S2[3]]; one that computes c_3 from the operands has ~0 there. Targets
+    at or before s cannot see it (causal attention) and are NaN. Returns (target labels, source labels, matrix).
+    """
+    from arithinterp.train import model_device
+
+    seq = encode(a, b, removed)
+    labels = target_labels(removed)
+    sources = [i for i, name in enumerate(labels) if name[0] in "PS"]  # CoT digits (indices into labels)
+    device, g = model_device(model), torch.Generator().manual_seed(seed)
+
+    def argmax(tokens: Tensor) -> Tensor:
+        out = [model(tokens[i : i + batch_size, :-1].to(device)).logits.argmax(-1).cpu()
+               for i in range(0, len(tokens), batch_size)]  # fmt: skip
+        return torch.cat(out)[:, PREFIX - 1 :]  # (n, target): the prediction of each target token
+
+    base = argmax(seq)
+    changed = torch.full((len(labels), len(sources)), float("nan"))
+    for col, i in enumerate(sources):
+        edited = seq.clone()
+        shift = torch.randint(1, 10, (len(a),), generator=g)
+        edited[:, PREFIX + i] = (seq[:, PREFIX + i] - _D0 + shift) % 10 + _D0
+        changed[i + 1 :, col] = (argmax(edited)[:, i + 1 : len(labels)] != base[:, i + 1 : len(labels)]).float().mean(0)
+    return labels, [labels[i] for i in sources], changed
+
+
+@torch.no_grad()
 def greedy_eval(model, seed: int, n: int, batch_size: int = 500) -> dict[str, float]:
     """Greedy generation of the 8 output digits in the no-cot format: exact match and per-digit accuracy."""
     from arithinterp.train import greedy_answers
@@ -818,6 +851,20 @@ def _init_record(run: Path) -> dict:
     """{"init": <run>/init.json} for a run that started from other weights (`Mul4Schedule.init_from`), else {}."""
     path = Path(run) / "init.json"
     return {"init": json.loads(path.read_text())} if path.is_file() else {}
+
+
+def run_origin(run: str | Path) -> int:
+    """How many steps a run's starting weights had trained for: 0 for a fresh run; for a warm start from a run's
+    checkpoint (`Mul4Schedule.init_from`), that checkpoint's step, plus the source run's own origin where its
+    folder is still there. Puts a warm-started run on the step axis of the run it continues."""
+    run = Path(run)
+    record = _init_record(run).get("init")
+    if record is None and (run / "arithinterp.json").is_file():  # a finished run or a shipped model folder
+        record = json.loads((run / "arithinterp.json").read_text()).get("init")
+    if not record or record.get("kind") != "run checkpoint":
+        return 0
+    source = Path(record["from"])
+    return int(record["step"]) + (run_origin(source) if source.is_dir() and source.resolve() != run.resolve() else 0)
 
 
 def checkpoint_model(run: str | Path) -> tuple[Any, Any, StageClock, dict]:

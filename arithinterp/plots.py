@@ -530,3 +530,38 @@ def path_graph(edges: list[dict], n_layers: int, n_heads: int, *, title: str, ma
     fig.update_yaxes(title_text="head", autorange="reversed", showgrid=False, zeroline=False)
     fig.update_layout(title=title, template="plotly_white", width=300 + 120 * n_layers, height=250 + 35 * n_heads)
     return fig
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training runs (arithinterp.mul4)
+
+
+def internalization_figure(runs: dict[str, list[dict]], *, origins: dict[str, int] | None = None,
+                           title: str = "Stepwise internalization") -> go.Figure:  # fmt: skip
+    """Stepwise-internalization runs over training, from their logs (`mul4.run_log`). Top: at every evaluation,
+    the share of 500 held-out problems whose whole remaining target (chain of thought, "=", answer) is exact
+    under teacher forcing (solid), and whose 8 answer digits are (dotted), in that stage's own format. Bottom:
+    the chain-of-thought tokens the stage removes. A run's steps are shifted by `origins[name]` (e.g.
+    `mul4.run_origin`), so that a warm-started run lines up with the run it continues."""
+    origins = origins or {}
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.7, 0.3], vertical_spacing=0.06)
+    palette = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
+    for i, (name, log) in enumerate(runs.items()):
+        colour, shift = palette[i % len(palette)], origins.get(name, 0)
+        evals = [e for e in log if "eval_exact_match" in e]
+        xs = [e["step"] + shift for e in evals]
+        hover = [f"{name}<br>step {x:,}, stage {e['stage']} ({e['removed']} removed)" for x, e in zip(xs, evals)]
+        fig.add_trace(go.Scatter(x=xs, y=[e["eval_exact_match"] for e in evals], mode="lines", name=f"{name}: whole",
+                                 line=dict(color=colour), text=hover, hovertemplate="%{text}<br>whole %{y:.3f}"),
+                      row=1, col=1)  # fmt: skip
+        fig.add_trace(go.Scatter(x=xs, y=[e["eval_answer_exact_match"] for e in evals], mode="lines",
+                                 name=f"{name}: answer", line=dict(color=colour, dash="dot", width=1), text=hover,
+                                 hovertemplate="%{text}<br>answer %{y:.3f}"), row=1, col=1)  # fmt: skip
+        fig.add_trace(go.Scatter(x=[e["step"] + shift for e in log], y=[e["removed"] for e in log], mode="lines",
+                                 line=dict(color=colour, shape="hv"), name=f"{name}: removed", showlegend=False),
+                      row=2, col=1)  # fmt: skip
+    fig.update_yaxes(title_text="exact (teacher forcing)", range=[0, 1.02], row=1, col=1)
+    fig.update_yaxes(title_text="CoT tokens removed", row=2, col=1)
+    fig.update_xaxes(title_text="training step", row=2, col=1)
+    fig.update_layout(title=title, template="plotly_white", height=620, width=1000)
+    return fig

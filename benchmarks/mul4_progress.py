@@ -1,6 +1,6 @@
 """Where a multiplication training run stands, stage by stage (issue 8's runs span sessions).
 
-    python benchmarks/mul4_progress.py RUN [RUN ...] [--tokens]
+    python benchmarks/mul4_progress.py RUN [RUN ...] [--tokens] [--reads] [--html PATH]
 
 RUN is a run folder (unfinished: read from its checkpoint) or a model folder (finished: its training_log.jsonl),
 e.g. `data/models/icot-mul4`. Each stage's row is its last evaluation: 500 held-out problems in the stage's own
@@ -10,27 +10,46 @@ digits; "digits": their per-digit accuracy; "val": the validation exact match ad
 `--tokens` (unfinished runs) also loads the checkpoint's model and prints, for the stage it is in, the accuracy of
 every target token under teacher forcing on the same 500 problems ("P2[3]": digit 3 of P_2, "S2[0]", "c0", ...):
 which part of its remaining chain of thought the model does not write.
+
+`--reads` (unfinished runs) prints, for each answer digit c_k, the written chain-of-thought digits whose edit
+changes its prediction most often (`mul4.cot_reliance`, 500 held-out problems): whether the answer is read off
+the chain of thought or computed from the operands.
+
+`--html PATH` draws every run's evaluations against the training step (`plots.internalization_figure`); a run
+warm-started from another run's checkpoint (`--set init_from=RUN`) is drawn from the step it continues.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from arithinterp import ArithInterpError
-from arithinterp.mul4 import checkpoint_model, run_log, stage_table, token_accuracy
+from arithinterp import ArithInterpError, plots
+from arithinterp.mul4 import (
+    checkpoint_model,
+    cot_reliance,
+    held_out,
+    run_log,
+    run_origin,
+    stage_table,
+    token_accuracy,
+)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="run or model folders")
     parser.add_argument("--tokens", action="store_true", help="per-token accuracy of a checkpoint's current stage")
+    parser.add_argument("--reads", action="store_true", help="which written CoT digits each answer digit reads")
+    parser.add_argument("--html", help="write a figure of the runs' evaluations against the training step here")
     args = parser.parse_args()
+    logs = {}
     for run in args.runs:
         try:
             log = run_log(run)
         except ArithInterpError as err:
             print(f"{run}: {err}")
             continue
+        logs[run] = log
         print(f"{run}: step {log[-1]['step'] if log else 0}, {log[-1]['time_s'] if log else 0:.0f} s of training")
         print(f"  {'stage':>5} {'removed':>7} {'steps':>13} {'exact':>6} {'answer':>6} {'digits':>6} {'val':>6}  ended")
         for r in stage_table(log):
@@ -42,6 +61,12 @@ def main() -> None:
             print(f"  {r['stage']:>5} {r['removed']:>7} {steps} {scores} {val:>6}  {ended}")
         if args.tokens:
             print_tokens(run)
+        if args.reads:
+            print_reads(run)
+    if args.html and logs:
+        origins = {run: run_origin(run) for run in logs}
+        fig = plots.internalization_figure(logs, origins=origins)
+        print(f"wrote {plots.write_html(args.html, [fig], title='Stepwise internalization runs')}")
 
 
 def print_tokens(run: str) -> None:
@@ -56,6 +81,23 @@ def print_tokens(run: str) -> None:
     items = list(acc.items())
     for i in range(0, len(items), 8):
         print("   " + "".join(f" {name:>6} {value:5.3f}" for name, value in items[i : i + 8]))
+
+
+def print_reads(run: str) -> None:
+    try:
+        model, cfg, clock, state = checkpoint_model(run)
+    except ArithInterpError as err:
+        print(f"  --reads: {err}")
+        return
+    removed = clock.sched.removals[clock.stage(state["step"])]
+    labels, sources, changed = cot_reliance(model, *held_out(cfg.seed, 500), removed)
+    print(f"  share of 500 problems whose c_k changes when one written CoT digit is edited (step {state['step']}, "
+          f"{removed} removed); the three largest:")  # fmt: skip
+    for k in range(8):
+        row = changed[labels.index(f"c{k}")]
+        top = row.nan_to_num(-1).topk(min(3, len(sources)))
+        pairs = zip(top.values.tolist(), top.indices.tolist())
+        print(f"    c{k}: " + ", ".join(f"{sources[j]} {v:.2f}" for v, j in pairs))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from arithinterp import ArithInterpError, mul4
+from arithinterp import ArithInterpError, mul4, plots
 from arithinterp import mul4_analysis as ma
 from arithinterp.tokenizer import build_char_tokenizer
 from arithinterp.train import TRAIN_TASKS, TrainConfig, build_model, default_config, train
@@ -136,6 +136,26 @@ def test_removal_offsets_follow_the_smoothing_distribution():
     assert (mul4._smoothed_removals(sched, 44, 5, g) == 44).all()
     with pytest.raises(ArithInterpError, match="smoothing_per='row'"):
         mul4.Mul4Schedule(smoothing_per="row")
+
+
+def test_cot_reliance_finds_the_token_an_oracle_copies():
+    """An oracle that predicts each next token as a copy of the current one reads exactly the token before each
+    target: [t, s] is 1 where s is the digit just before target t, 0 at every other visible source, NaN where s
+    comes at or after t."""
+    from types import SimpleNamespace
+
+    vocab = len(mul4.VOCAB)
+    copy = lambda tokens: SimpleNamespace(logits=torch.nn.functional.one_hot(tokens, vocab).float())  # noqa: E731
+    a, b = torch.tensor([1234, 9876, 40]), torch.tensor([5678, 4321, 3])
+    labels, sources, changed = mul4.cot_reliance(copy, a, b, 30)
+    assert labels == mul4.target_labels(30) and sources == [x for x in labels if x[0] in "PS"]
+    for t, target in enumerate(labels):
+        for col, source in enumerate(sources):
+            s = labels.index(source)
+            if t <= s:
+                assert torch.isnan(changed[t, col])
+            else:
+                assert changed[t, col] == (1.0 if t == s + 1 else 0.0), (target, source)
 
 
 def test_positions_of_the_no_cot_format():
@@ -390,6 +410,26 @@ def test_a_run_takes_up_internalization_from_another_runs_weights(tmp_path):
         mul4.Mul4Schedule(start_removed=44)
     with pytest.raises(ArithInterpError, match="start_removed=4 .* without chain of thought"):
         mul4.Mul4Schedule(remove_per_stage=0, start_removed=4)
+
+
+def test_run_origin_follows_warm_starts_back_to_a_fresh_run(tmp_path):
+    first, second, third, other = (tmp_path / n for n in ("first", "second", "third", "other"))
+    for run in (first, second, third, other):
+        run.mkdir()
+    (second / "init.json").write_text(json.dumps({"from": str(first), "kind": "run checkpoint", "step": 100}))
+    card = {"init": {"from": str(second), "kind": "run checkpoint", "step": 50}}  # a finished run's card
+    (third / "arithinterp.json").write_text(json.dumps(card))
+    (other / "init.json").write_text(json.dumps({"from": "icot-mul4", "kind": "built-in model", "location": "x"}))
+    assert [mul4.run_origin(r) for r in (first, second, third, other)] == [0, 100, 150, 0]
+    log = [{"step": 50, "stage": 0, "removed": 21, "loss": 1.0},
+           {"step": 100, "stage": 0, "removed": 21, "loss": 0.5, "eval_exact_match": 0.25,
+            "eval_answer_exact_match": 0.5},
+           {"step": 150, "stage": 1, "removed": 22, "loss": 0.9}]  # fmt: skip
+    fig = plots.internalization_figure({"C": log, "E": log}, origins={"E": 1000})
+    whole, answer, removed = fig.data[3:6]  # run E's three traces
+    assert list(whole.x) == [1100] and list(whole.y) == [0.25] and list(answer.y) == [0.5]
+    assert list(removed.x) == [1050, 1100, 1150] and list(removed.y) == [21, 21, 22]
+    assert list(fig.data[0].x) == [100]  # run C, no origin
 
 
 def test_a_run_resumed_with_more_steps_is_the_longer_run(tmp_path):
