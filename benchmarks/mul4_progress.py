@@ -1,6 +1,6 @@
 """Where a multiplication training run stands, stage by stage (issue 8's runs span sessions).
 
-    python benchmarks/mul4_progress.py RUN [RUN ...] [--tokens] [--reads] [--html PATH]
+    python benchmarks/mul4_progress.py RUN [RUN ...] [--tokens] [--reads] [--formats] [--html PATH]
 
 RUN is a run folder (unfinished: read from its checkpoint) or a model folder (finished: its training_log.jsonl),
 e.g. `data/models/icot-mul4`. Each stage's row is its last evaluation: 500 held-out problems in the stage's own
@@ -15,6 +15,11 @@ which part of its remaining chain of thought the model does not write.
 changes its prediction most often (`mul4.cot_reliance`, 500 held-out problems): whether the answer is read off
 the chain of thought or computed from the operands.
 
+`--formats` (unfinished runs) evaluates the checkpoint's model in the formats with two tokens fewer to two tokens
+more removed than its stage's. One token more or fewer shifts every later token by one position: a model that
+reads its chain of thought by position rather than by content loses accuracy even where the extra tokens are
+given (fewer removed) or trivial (a removed leading zero of P_j).
+
 `--html PATH` draws every run's evaluations against the training step (`plots.internalization_figure`); a run
 warm-started from another run's checkpoint (`--set init_from=RUN`) is drawn from the step it continues.
 """
@@ -25,8 +30,10 @@ import argparse
 
 from arithinterp import ArithInterpError, plots
 from arithinterp.mul4 import (
+    COT_LEN,
     checkpoint_model,
     cot_reliance,
+    evaluate,
     held_out,
     run_log,
     run_origin,
@@ -40,6 +47,7 @@ def main() -> None:
     parser.add_argument("runs", nargs="+", help="run or model folders")
     parser.add_argument("--tokens", action="store_true", help="per-token accuracy of a checkpoint's current stage")
     parser.add_argument("--reads", action="store_true", help="which written CoT digits each answer digit reads")
+    parser.add_argument("--formats", action="store_true", help="accuracy in the neighbouring stages' formats")
     parser.add_argument("--html", help="write a figure of the runs' evaluations against the training step here")
     args = parser.parse_args()
     logs = {}
@@ -63,6 +71,8 @@ def main() -> None:
             print_tokens(run)
         if args.reads:
             print_reads(run)
+        if args.formats:
+            print_formats(run)
     if args.html and logs:
         origins = {run: run_origin(run) for run in logs}
         fig = plots.internalization_figure(logs, origins=origins)
@@ -81,6 +91,20 @@ def print_tokens(run: str) -> None:
     items = list(acc.items())
     for i in range(0, len(items), 8):
         print("   " + "".join(f" {name:>6} {value:5.3f}" for name, value in items[i : i + 8]))
+
+
+def print_formats(run: str) -> None:
+    try:
+        model, cfg, clock, state = checkpoint_model(run)
+    except ArithInterpError as err:
+        print(f"  --formats: {err}")
+        return
+    removed = clock.sched.removals[clock.stage(state["step"])]
+    print(f"  the step-{state['step']} model (trained with {removed} removed) in other formats, 500 held-out problems:")
+    for r in range(max(0, removed - 2), min(COT_LEN, removed + 2) + 1):
+        e = evaluate(model, cfg.seed, 500, r)
+        print(f"    {r:2} removed: whole exact {e['exact_match']:.3f}  answer exact {e['answer_exact_match']:.3f}  "
+              f"digits {e['digit_accuracy']:.3f}")  # fmt: skip
 
 
 def print_reads(run: str) -> None:
