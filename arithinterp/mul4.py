@@ -175,6 +175,35 @@ def encode_removed(a: Int[Tensor, " batch"], b: Int[Tensor, " batch"],
     return torch.where(inside, seq, _STOI["<pad>"])
 
 
+def kept_position_ids(removed: Int[Tensor, " batch"], width: int) -> Int[Tensor, "batch width"]:
+    """Position ids under `keep_position` for rows of `width` tokens with `removed[i]` CoT tokens removed: the
+    prompt keeps 0..PREFIX-1, every later token the position it has in the full chain-of-thought format (its index
+    plus removed[i]). Unlike Deng et al.'s code, which also shifts the separator before the chain of thought, the
+    prompt is the same in every stage."""
+    pos = torch.arange(width)[None, :]
+    return pos + torch.where(pos >= PREFIX, torch.as_tensor(removed)[:, None], 0)
+
+
+def bake_positions(model, removed: int):
+    """A copy of a `keep_position` model that computes, with ordinary positions 0, 1, ... on the format with
+    `removed` CoT tokens removed, exactly what `model` computes there with kept positions: its position table
+    row j (j >= PREFIX) is `model`'s row j + removed. `bake_positions(model, COT_LEN)` is the shipped no-cot model;
+    rows past the longest sequence of that format keep their values (nothing reads them)."""
+    import copy
+
+    baked = copy.deepcopy(model)
+    table, n = model.transformer.wpe.weight, model.transformer.wpe.weight.shape[0]
+    with torch.no_grad():
+        baked.transformer.wpe.weight[PREFIX : n - removed] = table[PREFIX + removed :]
+    return baked
+
+
+def format_model(model, sched: Mul4Schedule, removed: int):
+    """The model to run with ordinary positions on the format with `removed` tokens removed: `model` itself, or
+    under `sched.keep_position` its `bake_positions` copy."""
+    return bake_positions(model, removed) if sched.keep_position else model
+
+
 def held_out(seed: int, n: int) -> tuple[Int[Tensor, " n"], Int[Tensor, " n"]]:
     """The held-out test problems (drawn with seed 10_000 + seed; never in a training batch)."""
     return random_pairs(n, 10_000 + seed, DIGITS)
@@ -223,6 +252,11 @@ class Mul4Schedule:
     # in Deng et al.'s code (the rows padded to one length). Same share of shifted rows, but "batch" feeds
     # the optimiser a batch of shifted rows about every 1 / (1 - exp(-smoothing)) ≈ 55 steps (smoothing 4).
     smoothing_per: str = "batch"
+    # Deng et al.'s --keep_position: every token after the prompt keeps the position it has in the full chain-of-
+    # thought format, so removing tokens shifts nothing; the answer always sits at positions 56..63. The shipped
+    # model then has its position table rewritten for the no-cot format (`bake_positions`), so that it is an
+    # ordinary GPT-2 there.
+    keep_position: bool = False
     aux_weight: float = 0.0  # weight of the running-sum regression loss (mul4-aux)
     aux_scale: float = 10.0  # the head regresses ĉ_k / aux_scale
     # Adaptive stages: a stage also ends at the first evaluation (every eval_every steps) at which the whole target
@@ -246,6 +280,9 @@ class Mul4Schedule:
         if self.smoothing_per not in ("batch", "example"):
             raise ArithInterpError(f"smoothing_per={self.smoothing_per!r} must be 'batch' (one removal-smoothing "
                                    "offset per batch) or 'example' (one per example, as Deng et al.).")  # fmt: skip
+        if self.keep_position and not self.remove_per_stage:
+            raise ArithInterpError("keep_position=true only applies to stepwise internalization "
+                                   "(remove_per_stage > 0).")  # fmt: skip
         if self.steps_per_stage < 1:
             raise ArithInterpError(f"steps_per_stage={self.steps_per_stage} must be >= 1.")
         if self.smoothing < 0 or self.aux_weight < 0 or self.aux_scale <= 0:
@@ -700,14 +737,16 @@ def train_mul4(cfg, out: str | Path, *, overwrite: bool = False, progress: bool 
             opt = _optimizer(cfg, params)  # a fresh optimiser for every stage (Deng et al.)
         if sched.smoothing_per == "example":
             a, b = sampler(cfg.batch_size, gen)
-            seq = encode_removed(a, b, _smoothed_removals(sched, sched.removals[stage], len(a), gen)).to(device)
+            each = _smoothed_removals(sched, sched.removals[stage], len(a), gen)
+            seq = encode_removed(a, b, each).to(device)
         else:
             removed = _smoothed_removal(sched, sched.removals[stage], gen)
             a, b = sampler(cfg.batch_size, gen)
-            seq = encode(a, b, removed).to(device)
+            seq, each = encode(a, b, removed).to(device), torch.full((len(a),), removed)
+        pos = kept_position_ids(each, seq.shape[1] - 1).to(device) if sched.keep_position else None
         for group in opt.param_groups:
             group["lr"] = _lr(cfg, clock, step)
-        logits = model(seq[:, :-1]).logits
+        logits = model(seq[:, :-1], position_ids=pos).logits
         ce = target_cross_entropy(logits, seq)
         loss = ce
         aux_loss = None
@@ -728,10 +767,11 @@ def train_mul4(cfg, out: str | Path, *, overwrite: bool = False, progress: bool 
                 entry["aux_mse"] = round(aux_loss.item() * sched.aux_scale**2, 3)  # in units of ĉ², not ĉ/scale
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 model.eval()
-                entry.update({f"eval_{k}": v for k, v in evaluate(model, cfg.seed, min(cfg.n_test, 500),
+                now = format_model(model, sched, sched.removals[stage])
+                entry.update({f"eval_{k}": v for k, v in evaluate(now, cfg.seed, min(cfg.n_test, 500),
                                                                   sched.removals[stage]).items()})  # fmt: skip
                 if clock.adaptive and stage < len(sched.removals) - 1 and step < cfg.steps:
-                    val = evaluate(model, cfg.seed, VALIDATION_N, sched.removals[stage], problems=validation(cfg.seed))
+                    val = evaluate(now, cfg.seed, VALIDATION_N, sched.removals[stage], problems=validation(cfg.seed))
                     entry["val_exact_match"] = val["exact_match"]
                     if val["exact_match"] >= sched.advance_at:
                         clock.advance(step)  # the next step begins the next stage, with a fresh optimiser
@@ -750,7 +790,7 @@ def train_mul4(cfg, out: str | Path, *, overwrite: bool = False, progress: bool 
     if step < cfg.steps:
         save()
         return {"finished": False, "step": step, "stage": clock.stage(step)}
-    model.eval()
+    model = format_model(model.eval(), sched, COT_LEN)  # under keep_position: positions baked in for no-cot
     final = greedy_eval(model, cfg.seed, cfg.n_test)
     wall = time.time() - t0
     model.cpu()
@@ -894,6 +934,7 @@ def export_checkpoint(run: str | Path, dest: str | Path, *, n_test: int | None =
     run, dest = Path(run), Path(dest)
     model, cfg, clock, state = checkpoint_model(run)
     sched = clock.sched
+    model = format_model(model, sched, COT_LEN)  # the no-cot format, positions baked in under keep_position
     dest.mkdir(parents=True, exist_ok=True)
     held = greedy_eval(model, cfg.seed, n_test or cfg.n_test)
     stage = clock.stage(state["step"])

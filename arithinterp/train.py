@@ -368,12 +368,17 @@ def _parse_setting(name: str, text: str, default: object) -> object:
         if default is None or isinstance(default, float):
             return None if default is None and text.lower() == "none" else float(text)
         if isinstance(default, bool):
-            raise ValueError
+            flag = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}.get(text.lower())
+            if flag is None:
+                raise ValueError
+            return flag
         if isinstance(default, int):
             return int(text)
         return text
     except ValueError:
-        kind = "a number or none" if default is None else type(default).__name__
+        kind = {None: "a number or none", bool: "true or false"}.get(
+            None if default is None else type(default), type(default).__name__
+        )
         raise ArithInterpError(f"setting {name}={text!r}: the value must be {kind}.") from None
 
 

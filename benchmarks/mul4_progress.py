@@ -34,6 +34,7 @@ from arithinterp.mul4 import (
     checkpoint_model,
     cot_reliance,
     evaluate,
+    format_model,
     held_out,
     run_log,
     run_origin,
@@ -86,7 +87,7 @@ def print_tokens(run: str) -> None:
         print(f"  --tokens: {err}")
         return
     removed = clock.sched.removals[clock.stage(state["step"])]
-    acc = token_accuracy(model, cfg.seed, 500, removed)
+    acc = token_accuracy(format_model(model, clock.sched, removed), cfg.seed, 500, removed)
     print(f"  per-token accuracy at step {state['step']} ({removed} CoT tokens removed, 500 held-out problems):")
     items = list(acc.items())
     for i in range(0, len(items), 8):
@@ -102,7 +103,7 @@ def print_formats(run: str) -> None:
     removed = clock.sched.removals[clock.stage(state["step"])]
     print(f"  the step-{state['step']} model (trained with {removed} removed) in other formats, 500 held-out problems:")
     for r in range(max(0, removed - 2), min(COT_LEN, removed + 2) + 1):
-        e = evaluate(model, cfg.seed, 500, r)
+        e = evaluate(format_model(model, clock.sched, r), cfg.seed, 500, r)
         print(f"    {r:2} removed: whole exact {e['exact_match']:.3f}  answer exact {e['answer_exact_match']:.3f}  "
               f"digits {e['digit_accuracy']:.3f}")  # fmt: skip
 
@@ -114,7 +115,8 @@ def print_reads(run: str) -> None:
         print(f"  --reads: {err}")
         return
     removed = clock.sched.removals[clock.stage(state["step"])]
-    labels, sources, changed = cot_reliance(model, *held_out(cfg.seed, 500), removed)
+    labels, sources, changed = cot_reliance(format_model(model, clock.sched, removed), *held_out(cfg.seed, 500),
+                                            removed)  # fmt: skip
     print(f"  share of 500 problems whose c_k changes when one written CoT digit is edited (step {state['step']}, "
           f"{removed} removed); the three largest:")  # fmt: skip
     for k in range(8):

@@ -158,6 +158,54 @@ def test_cot_reliance_finds_the_token_an_oracle_copies():
                 assert changed[t, col] == (1.0 if t == s + 1 else 0.0), (target, source)
 
 
+def test_kept_positions_are_those_of_the_full_format():
+    ids = mul4.kept_position_ids(torch.tensor([0, 3]), 15)
+    assert ids[0].tolist() == list(range(15))
+    assert ids[1].tolist() == list(range(11)) + [14, 15, 16, 17]  # the prompt <bos>a*b$ is 11 tokens
+
+
+def test_baked_positions_compute_what_kept_positions_compute():
+    cfg = TrainConfig(task="mul4-icot", steps=1, **TINY)
+    model = build_model(cfg, mul4.N_POSITIONS_MODEL).eval()
+    with torch.no_grad():
+        model.transformer.wpe.weight.normal_()  # positions that matter (a fresh table is nearly 0)
+    a, b = torch.tensor([1234, 9876, 5]), torch.tensor([5678, 4321, 7])
+    for removed in (0, 17, 44):
+        seq = mul4.encode(a, b, removed)
+        kept = mul4.kept_position_ids(torch.full((3,), removed), seq.shape[1])
+        with torch.no_grad():
+            want = model(seq, position_ids=kept).logits
+            got = mul4.bake_positions(model, removed)(seq).logits
+            plain = model(seq).logits
+        torch.testing.assert_close(got, want)
+        assert removed == 0 or not torch.allclose(plain, want, atol=1e-3)  # the positions do change the logits
+    sched = mul4.Mul4Schedule(keep_position=True)
+    assert mul4.format_model(model, mul4.Mul4Schedule(), 17) is model
+    assert mul4.format_model(model, sched, 17) is not model
+    with pytest.raises(ArithInterpError, match="keep_position=true only applies"):
+        mul4.Mul4Schedule(remove_per_stage=0, keep_position=True)
+
+
+def test_a_keep_position_run_exports_a_model_with_ordinary_positions(tmp_path, monkeypatch):
+    """The exported no-cot model, run with ordinary positions, is the checkpoint's model run with kept ones."""
+    from transformers import GPT2LMHeadModel
+
+    sched = mul4.Mul4Schedule(remove_per_stage=22, steps_per_stage=2, smoothing=1.0, smoothing_per="example",
+                              keep_position=True)  # fmt: skip
+    monkeypatch.setitem(mul4.SCHEDULES, "mul4-icot", sched)
+    cfg = TrainConfig(task="mul4-icot", steps=8, **TINY)
+    assert train(cfg, tmp_path / "run", progress=False, max_steps_this_run=5)["step"] == 5
+    raw, *_ = mul4.checkpoint_model(tmp_path / "run")
+    summary = mul4.export_checkpoint(tmp_path / "run", tmp_path / "shipped")
+    shipped = GPT2LMHeadModel.from_pretrained(tmp_path / "shipped").eval()
+    seq = mul4.encode(*mul4.held_out(0, 20))
+    with torch.no_grad():
+        want = raw(seq, position_ids=mul4.kept_position_ids(torch.full((20,), 44), seq.shape[1])).logits
+        torch.testing.assert_close(shipped(seq).logits, want)
+    assert summary["schedule"]["keep_position"] is True
+    assert train(cfg, tmp_path / "run", progress=False)["held_out"]["exact_match"] >= 0  # and it finishes
+
+
 def test_positions_of_the_no_cot_format():
     seq = mul4.encode(torch.tensor([1234]), torch.tensor([5678]))[0]
     assert (
@@ -251,6 +299,10 @@ def test_configure_overrides_config_and_schedule():
     assert (cfg.lr, cfg.d_model, cfg.n_head, sched.steps_per_stage, sched.advance_at) == (3e-4, 64, 4, 7, 0.95)
     assert sched.remove_per_stage == mul4.SCHEDULES["mul4-icot"].remove_per_stage  # the rest stays the default
     assert configure("mul4-icot", ["advance_at=none"])[1].advance_at is None
+    assert configure("mul4-icot", ["keep_position=true"])[1].keep_position is True
+    assert configure("mul4-icot", ["keep-position=0"])[1].keep_position is False
+    with pytest.raises(ArithInterpError, match="keep_position='maybe': the value must be true or false"):
+        configure("mul4-icot", ["keep_position=maybe"])
     cfg, sched = configure("add", ["steps=10"])
     assert cfg.steps == 10 and sched is None
     with pytest.raises(ArithInterpError, match="d_model=66 must be divisible by n_head=4"):
