@@ -608,7 +608,8 @@ def _extend_steps(out: Path, settings: dict) -> None:
 
 def _upgrade_settings(out: Path) -> None:
     """Let a run checkpointed before a `Mul4Schedule` field existed (`advance_at`, `start_removed`,
-    `init_from`, `smoothing_per`) resume: its settings lack the field, whose default is what the run did."""
+    `init_from`, `smoothing_per`, `keep_position`) resume: its settings lack the field, whose default is what the
+    run did."""
     path = out / "checkpoint" / "settings.json"
     if path.is_file():
         settings = json.loads(path.read_text())
@@ -909,7 +910,8 @@ def run_origin(run: str | Path) -> int:
 
 def checkpoint_model(run: str | Path) -> tuple[Any, Any, StageClock, dict]:
     """The model of an unfinished run's latest checkpoint (eval mode), with its TrainConfig, its stage clock (the
-    schedule is `clock.sched`; `clock.stage(state["step"])` the stage it is in) and the checkpoint's state."""
+    schedule is `clock.sched`; `clock.stage(state["step"])` the stage it is in) and the checkpoint's state. Under
+    `keep_position` the model expects kept position ids: run `format_model(model, clock.sched, removed)` instead."""
     from arithinterp.train import TrainConfig, build_model
 
     run = Path(run)
