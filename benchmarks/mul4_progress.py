@@ -68,24 +68,22 @@ def main() -> None:
             ended = "on reaching advance_at" if r["advanced"] else ""
             steps = f"{r['first_step']:>6}-{r['last_step']:<6}"
             print(f"  {r['stage']:>5} {r['removed']:>7} {steps} {scores} {val:>6}  {ended}")
-        if args.tokens:
-            print_tokens(run)
-        if args.reads:
-            print_reads(run)
-        if args.formats:
-            print_formats(run)
+        if args.tokens or args.reads or args.formats:
+            try:
+                ckpt = checkpoint_model(run)
+            except ArithInterpError as err:
+                print(f"  --tokens/--reads/--formats: {err}")
+                continue
+            for flag, show in ((args.tokens, print_tokens), (args.reads, print_reads), (args.formats, print_formats)):
+                if flag:
+                    show(*ckpt)
     if args.html and logs:
         origins = {run: run_origin(run) for run in logs}
         fig = plots.internalization_figure(logs, origins=origins)
         print(f"wrote {plots.write_html(args.html, [fig], title='Stepwise internalization runs')}")
 
 
-def print_tokens(run: str) -> None:
-    try:
-        model, cfg, clock, state = checkpoint_model(run)
-    except ArithInterpError as err:
-        print(f"  --tokens: {err}")
-        return
+def print_tokens(model, cfg, clock, state) -> None:
     removed = clock.sched.removals[clock.stage(state["step"])]
     acc = token_accuracy(format_model(model, clock.sched, removed), cfg.seed, 500, removed)
     print(f"  per-token accuracy at step {state['step']} ({removed} CoT tokens removed, 500 held-out problems):")
@@ -94,12 +92,7 @@ def print_tokens(run: str) -> None:
         print("   " + "".join(f" {name:>6} {value:5.3f}" for name, value in items[i : i + 8]))
 
 
-def print_formats(run: str) -> None:
-    try:
-        model, cfg, clock, state = checkpoint_model(run)
-    except ArithInterpError as err:
-        print(f"  --formats: {err}")
-        return
+def print_formats(model, cfg, clock, state) -> None:
     removed = clock.sched.removals[clock.stage(state["step"])]
     print(f"  the step-{state['step']} model (trained with {removed} removed) in other formats, 500 held-out problems:")
     for r in range(max(0, removed - 2), min(COT_LEN, removed + 2) + 1):
@@ -108,12 +101,7 @@ def print_formats(run: str) -> None:
               f"digits {e['digit_accuracy']:.3f}")  # fmt: skip
 
 
-def print_reads(run: str) -> None:
-    try:
-        model, cfg, clock, state = checkpoint_model(run)
-    except ArithInterpError as err:
-        print(f"  --reads: {err}")
-        return
+def print_reads(model, cfg, clock, state) -> None:
     removed = clock.sched.removals[clock.stage(state["step"])]
     labels, sources, changed = cot_reliance(format_model(model, clock.sched, removed), *held_out(cfg.seed, 500),
                                             removed)  # fmt: skip
