@@ -376,9 +376,9 @@ def _parse_setting(name: str, text: str, default: object) -> object:
             return int(text)
         return text
     except ValueError:
-        kind = {None: "a number or none", bool: "true or false"}.get(
-            None if default is None else type(default), type(default).__name__
-        )
+        kind = type(default).__name__
+        if default is None or isinstance(default, bool):
+            kind = "a number or none" if default is None else "true or false"
         raise ArithInterpError(f"setting {name}={text!r}: the value must be {kind}.") from None
 
 
