@@ -203,7 +203,14 @@ def test_a_keep_position_run_exports_a_model_with_ordinary_positions(tmp_path, m
         want = raw(seq, position_ids=mul4.kept_position_ids(torch.full((20,), 44), seq.shape[1])).logits
         torch.testing.assert_close(shipped(seq).logits, want)
     assert summary["schedule"]["keep_position"] is True
-    assert train(cfg, tmp_path / "run", progress=False)["held_out"]["exact_match"] >= 0  # and it finishes
+    baked = []  # the finished run too ships the model baked for the no-cot format
+    bake = mul4.bake_positions
+    monkeypatch.setattr(mul4, "bake_positions", lambda m, r: baked.append((r, bake(m, r))) or baked[-1][1])
+    train(cfg, tmp_path / "run", progress=False)
+    removed, final = baked[-1]
+    saved = load_file(tmp_path / "run" / "model.safetensors")
+    assert removed == mul4.COT_LEN
+    assert torch.equal(saved["transformer.wpe.weight"], final.transformer.wpe.weight.detach())
 
 
 def test_positions_of_the_no_cot_format():
