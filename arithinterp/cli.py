@@ -573,7 +573,10 @@ def finetune(model_spec, circuit_path, task, digits, style, operand_range, trans
 
 @cli.command()
 @click.option("--task", default="add", show_default=True, help="Training task (see arithinterp.train.TRAIN_TASKS).")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder for the model.")
+@click.option("--out", default=None, type=click.Path(file_okay=False), help="Output folder for the model.")
+@click.option("--resume", default=None, type=click.Path(file_okay=False),
+              help="Continue the unfinished run in this folder with the settings it was started with (read from "
+                   "its checkpoint); give no --task, --out, --seed or --set. --steps N raises its steps.")  # fmt: skip
 @click.option("--steps", default=None, type=int, help="Training steps (default: the task's).")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--overwrite", is_flag=True, help="Allow a non-empty --out (an unfinished run there resumes anyway).")
@@ -582,13 +585,29 @@ def finetune(model_spec, circuit_path, task, digits, style, operand_range, trans
               help="Override a training setting (TrainConfig, or for mul4 tasks Mul4Schedule), e.g. --set lr=3e-4 "
                    "--set steps_per_stage=6000 --set advance_at=0.9. Repeatable.")  # fmt: skip
 @user_errors
-def train(task, out, steps, seed, overwrite, device, settings) -> None:
-    """Train a built-in model from scratch (resumes from the checkpoint in --out if there is one)."""
-    from arithinterp.train import configure
+def train(task, out, resume, steps, seed, overwrite, device, settings) -> None:
+    """Train a built-in model from scratch. A run is checkpointed as it goes: run the same command again, or
+    `arithinterp train --resume FOLDER`, to continue it after an interruption."""
+    from dataclasses import replace
+
+    from arithinterp.train import configure, resume_config
     from arithinterp.train import train as run_train
 
-    extra = [f"seed={seed}"] + ([f"steps={steps}"] if steps is not None else [])
-    cfg, schedule = configure(task, [*extra, *settings])
+    ctx = click.get_current_context()
+    if resume is not None:
+        given = [f"--{name}" for name in ("task", "out", "seed", "overwrite", "set")
+                 if ctx.get_parameter_source("settings" if name == "set" else name)
+                 is not click.core.ParameterSource.DEFAULT]  # fmt: skip
+        if given:
+            raise ArithInterpError(f"--resume {resume} continues a run with the settings it was started with; drop "
+                                   f"{', '.join(given)} (only --steps and --device may be given with it).")  # fmt: skip
+        cfg, schedule = resume_config(resume)
+        cfg, out = (replace(cfg, steps=steps) if steps is not None else cfg), resume
+    elif out is None:
+        raise ArithInterpError("pass --out FOLDER for a new run, or --resume FOLDER to continue an unfinished one.")
+    else:
+        extra = [f"seed={seed}"] + ([f"steps={steps}"] if steps is not None else [])
+        cfg, schedule = configure(task, [*extra, *settings])
     summary = run_train(cfg, out, overwrite=overwrite, device=device, schedule=schedule)
     click.echo(f"held-out: {summary['held_out']}; train time {summary['train_time_s']} s; wrote {out}")
 

@@ -951,7 +951,7 @@ def export_checkpoint(run: str | Path, dest: str | Path, *, n_test: int | None =
         "step": state["step"], "steps": cfg.steps, "stage": stage, "stages": len(sched.removals),
         "cot_tokens_removed": sched.removals[stage], "train_config": asdict(cfg), "schedule": asdict(sched),
         "held_out": held, "n_test": n_test or cfg.n_test, "train_time_s": round(state["elapsed"], 1),
-        **_init_record(run), "resume": f"arithinterp train --task {cfg.task} --out {run}",
+        **_init_record(run), "resume": f"arithinterp train --resume {run}",
         "format": "<bos>a0a1a2a3*b0b1b2b3$=c0c1c2c3c4c5c6c7<eos> (all numbers least significant digit first)",
     }  # fmt: skip
     atomic_write_json(dest / "arithinterp.json", summary)

@@ -362,6 +362,29 @@ def configure(task: str, settings: Sequence[str] = ()) -> tuple[TrainConfig, obj
     return cfg, (replace(sched, **sched_over) if sched is not None else None)
 
 
+def resume_config(out: str | Path) -> tuple[TrainConfig, object | None]:
+    """The settings an unfinished run in `out` was started with, read from `<out>/checkpoint/settings.json`: its
+    TrainConfig and, for a mul4 task, its `Mul4Schedule` (None otherwise). `train(cfg, out, schedule=sched)`
+    then resumes it; this is what `arithinterp train --resume OUT` does. A schedule field the run predates
+    takes its default, which is what the run did."""
+    out = Path(out)
+    ckpt, path = out / "checkpoint" / "checkpoint.pt", out / "checkpoint" / "settings.json"
+    if not (ckpt.is_file() and path.is_file()):
+        done = " (it holds a finished model)" if (out / "arithinterp.json").is_file() else ""
+        raise ArithInterpError(f"{str(out)!r} holds no unfinished run to resume{done}: there is no checkpoint/"
+                               "checkpoint.pt with its settings.json. Start a run with --task and --out.")  # fmt: skip
+    try:
+        settings = json.loads(path.read_text())
+        if "train_config" in settings:  # a run of a task with its own loop (arithinterp.mul4)
+            from arithinterp.mul4 import Mul4Schedule
+
+            return TrainConfig(**settings["train_config"]), Mul4Schedule(**settings["schedule"])
+        return TrainConfig(**settings), None
+    except (json.JSONDecodeError, TypeError, KeyError) as err:
+        raise ArithInterpError(f"{str(path)!r} is not the settings file of a training run ({err}); it may be "
+                               "damaged or written by another version of arithinterp.") from None  # fmt: skip
+
+
 def _parse_setting(name: str, text: str, default: object) -> object:
     """`text` as the type of the field's default (a None default takes a float, or "none")."""
     try:

@@ -63,6 +63,35 @@ def test_errors_are_one_line(args, match, capsys, tmp_path):
     assert err.startswith("arithinterp: error:") and match in err and "\n" not in err
 
 
+def test_train_resume_continues_a_run_with_its_own_settings(tmp_path, capsys):
+    """`arithinterp train --resume RUN` reads the settings the run was started with (here none of them the task's
+    defaults) and finishes it exactly as the uninterrupted run; flags that would change them are refused."""
+    from dataclasses import asdict
+
+    from safetensors.torch import load_file
+
+    from arithinterp.train import configure, train
+
+    sets = ["d_model=32", "d_mlp=64", "n_head=2", "batch_size=8", "n_test=10", "eval_every=2", "warmup=1", "seed=3",
+            "steps_per_stage=2", "remove_per_stage=22", "smoothing_per=example", "keep_position=true"]  # fmt: skip
+    cfg, sched = configure("mul4-icot", [*sets, "steps=7"])
+    run, whole = tmp_path / "run", tmp_path / "whole"
+    assert train(cfg, run, schedule=sched, progress=False, max_steps_this_run=3)["finished"] is False
+    assert main(["train", "--resume", str(run), "--set", "lr=1"]) == 2
+    assert "drop --set (only --steps and --device" in capsys.readouterr().err
+    assert main(["train", "--resume", str(run)]) == 0
+    card = json.loads((run / "arithinterp.json").read_text())
+    assert card["train_config"] == asdict(cfg) and card["schedule"] == asdict(sched)
+    reference = train(cfg, whole, schedule=sched, progress=False)
+    assert card["held_out"] == reference["held_out"]
+    mine, theirs = load_file(run / "model.safetensors"), load_file(whole / "model.safetensors")
+    assert all((mine[k] == theirs[k]).all() for k in theirs)
+    assert main(["train", "--resume", str(run)]) == 2  # finished: nothing left to resume
+    assert "holds no unfinished run to resume (it holds a finished model)" in capsys.readouterr().err
+    assert main(["train", "--task", "add"]) == 2
+    assert "pass --out FOLDER for a new run, or --resume FOLDER" in capsys.readouterr().err
+
+
 def test_existing_output_is_not_overwritten(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "keep"
     out.mkdir()

@@ -530,7 +530,7 @@ def test_sft_and_aux_learn_and_export(tmp_path):
     assert train(sft, tmp_path / "sft", progress=False, max_steps_this_run=6)["finished"] is False
     exported = mul4.export_checkpoint(tmp_path / "sft", tmp_path / "shipped")
     assert exported["finished"] is False and exported["step"] == 6
-    assert "arithinterp train --task mul4-sft" in exported["resume"]
+    assert exported["resume"] == f"arithinterp train --resume {tmp_path / 'sft'}"
     from arithinterp.models import load
 
     assert load(str(tmp_path / "shipped")).cfg.n_layers == 2
