@@ -415,7 +415,20 @@ def build_model(cfg: TrainConfig, n_positions: int):
         eos_token_id=VOCAB.index("<eos>"), pad_token_id=VOCAB.index("<pad>"),
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True,
     )  # fmt: skip
-    return GPT2LMHeadModel(config)
+    return fuse_gelu(GPT2LMHeadModel(config))
+
+
+def fuse_gelu(model):
+    """Compute each MLP's GELU with torch's one-kernel tanh approximation instead of transformers' `gelu_new`,
+    which is the same formula in seven element-wise operations. The two agree to within 3e-7 (their gradients to
+    within 2e-6); a step of a width-128 mul4 model takes about a fifth less time. Nothing saved changes: the
+    activation has no weights, and `config.json` still names `gelu_new`, which is what a loaded model uses."""
+    from transformers.activations import NewGELUActivation
+
+    for block in model.transformer.h:
+        if isinstance(block.mlp.act, NewGELUActivation):
+            block.mlp.act = torch.nn.GELU(approximate="tanh")
+    return model
 
 
 def _lr_at(cfg: TrainConfig, step: int) -> float:

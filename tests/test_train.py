@@ -39,6 +39,27 @@ def test_resume_is_bit_identical(tmp_path):
     assert last["step"] == 12 and "exact_match" in last and "loss" in last
 
 
+def test_fused_gelu_computes_the_saved_models_function(tmp_path):
+    """Training runs the MLPs with torch's fused tanh GELU; the saved folder loads with `gelu_new`. The two models
+    give the same logits (to float rounding), and the fused one is what build_model returns."""
+    from transformers import GPT2LMHeadModel
+
+    from arithinterp.train import build_model
+
+    model = build_model(TrainConfig(**SMALL), 16).eval()
+    assert all(isinstance(block.mlp.act, torch.nn.GELU) for block in model.transformer.h)
+    with torch.no_grad():  # large pre-activations, where the tanh approximation's curvature matters
+        model.transformer.h[0].mlp.c_fc.weight.mul_(5.0)
+    model.save_pretrained(tmp_path / "m")
+    loaded = GPT2LMHeadModel.from_pretrained(tmp_path / "m").eval()
+    assert loaded.config.activation_function == "gelu_new"
+    assert type(loaded.transformer.h[0].mlp.act).__name__ == "NewGELUActivation"
+    ids = torch.randint(0, model.config.vocab_size, (4, 16))
+    with torch.no_grad():
+        ours, theirs = model(ids).logits, loaded(ids).logits
+    assert torch.allclose(ours, theirs, atol=1e-5) and not torch.equal(ours, torch.zeros_like(ours))
+
+
 def test_refuses_mismatched_resume_and_nonempty_out(tmp_path):
     cfg = TrainConfig(**SMALL)
     train(cfg, tmp_path / "r", progress=False, max_steps_this_run=2)
