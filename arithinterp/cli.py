@@ -595,9 +595,9 @@ def train(task, out, resume, steps, seed, overwrite, device, settings) -> None:
 
     ctx = click.get_current_context()
     if resume is not None:
-        given = [f"--{name}" for name in ("task", "out", "seed", "overwrite", "set")
-                 if ctx.get_parameter_source("settings" if name == "set" else name)
-                 is not click.core.ParameterSource.DEFAULT]  # fmt: skip
+        flags = {"task": "--task", "out": "--out", "seed": "--seed", "overwrite": "--overwrite", "settings": "--set"}
+        given = [flag for param, flag in flags.items()
+                 if ctx.get_parameter_source(param) is not click.core.ParameterSource.DEFAULT]  # fmt: skip
         if given:
             raise ArithInterpError(f"--resume {resume} continues a run with the settings it was started with; drop "
                                    f"{', '.join(given)} (only --steps and --device may be given with it).")  # fmt: skip
