@@ -647,12 +647,85 @@ def _upgrade_settings(out: Path) -> None:
                 atomic_write_json(path, settings | {"schedule": full})
 
 
-def load_initial_weights(model, source: str) -> dict[str, Any]:
+WIDEN_NOISE = 0.01  # std of the noise added to each widened weight matrix, relative to the matrix's own std
+
+
+def widen_gpt2_weights(weights: dict[str, Tensor], n_head: int, d_model: int, d_mlp: int, *,
+                       noise: float = WIDEN_NOISE, seed: int = 0) -> dict[str, Tensor]:  # fmt: skip
+    """A GPT-2 state dict made `d_model` / `d_mlp` wide (integer multiples r, q of its own widths) that computes the
+    same function (Net2Net's function-preserving widening, Chen et al. 2016), up to `noise`.
+
+    Every residual coordinate j is copied r times (new coordinate j' holds old j' mod d), so each LayerNorm sees
+    the same mean and variance and puts out r copies; weights reading the residual stream are divided by r, so the
+    copies sum to the old input. Each head keeps its index and gets r copies of its query/key/value dimensions;
+    query and key are scaled by r^(-1/4) so that the scores, now over an r times longer head, stay the same under
+    the 1/sqrt(d_head) scaling. Each MLP neuron is copied q times with its output divided by q. The tied
+    unembedding reads r copies of the final LayerNorm's output, so `ln_f` is divided by r. Exact copies would get
+    exact same gradients and stay copies for good; `noise` (Gaussian, `noise` times each matrix's std, drawn
+    with `seed`) on every weight matrix lets them part. With `noise=0` the logits equal the narrow model's to
+    rounding error (tested)."""
+    d_old, m_old = weights["transformer.wte.weight"].shape[1], weights["transformer.h.0.mlp.c_fc.weight"].shape[1]
+    if d_model % d_old or d_mlp % m_old or d_model < d_old or d_mlp < m_old:
+        raise ArithInterpError(
+            f"cannot widen d_model={d_old}, d_mlp={m_old} to d_model={d_model}, d_mlp={d_mlp}: each new width must "
+            "be a whole multiple of the old one (for example twice); pass such sizes with --set."
+        )
+    if d_old % n_head:
+        raise ArithInterpError(f"n_head={n_head} does not divide the source's d_model={d_old}; pass its n_head.")
+    r, q, dh = d_model // d_old, d_mlp // m_old, d_old // n_head
+    res = torch.arange(d_model) % d_old  # new residual coordinate -> old
+    neuron = torch.arange(d_mlp) % m_old
+    s = torch.arange(d_model)  # new head-structured index: head (s // (r dh)), dimension (s mod (r dh)) mod dh
+    head = (s // (r * dh)) * dh + (s % (r * dh)) % dh
+    qk = r**-0.25
+    gen = torch.Generator().manual_seed(seed)
+
+    def jitter(t: Tensor) -> Tensor:
+        return t + noise * t.std() * torch.randn(t.shape, generator=gen, dtype=t.dtype) if noise else t
+
+    out: dict[str, Tensor] = {}
+    for name, w in weights.items():
+        w = w.detach().cpu()
+        if name.endswith(("wte.weight", "wpe.weight", "lm_head.weight")):
+            new = jitter(w[:, res])
+        elif ".ln_" in name and not name.startswith("transformer.ln_f"):
+            new = w[res]
+        elif name.startswith("transformer.ln_f"):
+            new = w[res] / r
+        elif name.endswith("attn.c_attn.weight"):  # [d, 3d]: query, key, value blocks
+            qw, kw, vw = (w[:, i * d_old : (i + 1) * d_old][res][:, head] / r for i in range(3))
+            new = jitter(torch.cat([qw * qk, kw * qk, vw], dim=1))
+        elif name.endswith("attn.c_attn.bias"):
+            qb, kb, vb = (w[i * d_old : (i + 1) * d_old][head] for i in range(3))
+            new = torch.cat([qb * qk, kb * qk, vb])
+        elif name.endswith("attn.c_proj.weight"):  # [d (heads), d (residual)]
+            new = jitter(w[head][:, res] / r)
+        elif name.endswith(("attn.c_proj.bias", "mlp.c_proj.bias")):
+            new = w[res]
+        elif name.endswith("mlp.c_fc.weight"):  # [d, m]
+            new = jitter(w[res][:, neuron] / r)
+        elif name.endswith("mlp.c_fc.bias"):
+            new = w[neuron]
+        elif name.endswith("mlp.c_proj.weight"):  # [m, d]
+            new = jitter(w[neuron][:, res] / q)
+        elif w.dim() == 0 or name.endswith((".attn.bias", ".attn.masked_bias")):  # causal-mask buffers
+            new = w
+        else:
+            raise ArithInterpError(f"widen_gpt2_weights: no rule for the GPT-2 weight {name!r} {tuple(w.shape)}.")
+        out[name] = new.contiguous()
+    if "lm_head.weight" in out and "transformer.wte.weight" in out:
+        out["lm_head.weight"] = out["transformer.wte.weight"]  # tied: one tensor, one draw of noise
+    return out
+
+
+def load_initial_weights(model, source: str, *, seed: int = 0) -> dict[str, Any]:
     """Copy the weights of `source` into `model` (a `GPT2LMHeadModel` of the same shape); returns where they came
     from, for `<out>/init.json`.
 
     `source` is a training run's folder (its latest checkpoint, `<source>/checkpoint/checkpoint.pt`; the record
     then holds the step and the stage table it had reached) or a model folder / built-in name (its weights).
+    A source with the same layers and heads but a narrower d_model / d_mlp (whole fractions of `model`'s) is
+    widened to fit by `widen_gpt2_weights` (seeded with `seed`); the record then says so under "widened".
     """
     from arithinterp.models import resolve
 
@@ -663,6 +736,8 @@ def load_initial_weights(model, source: str) -> dict[str, Any]:
         weights = state["model"]
         record = {"from": source, "kind": "run checkpoint", "step": state["step"],
                   "stages": stage_table(state["log"])}  # fmt: skip
+        settings = path / "checkpoint" / "settings.json"
+        their_heads = json.loads(settings.read_text())["train_config"]["n_head"] if settings.is_file() else None
     else:
         try:
             kind, location = resolve(source)
@@ -673,15 +748,26 @@ def load_initial_weights(model, source: str) -> dict[str, Any]:
                                    "nor a model folder or built-in name; check the path.")  # fmt: skip
         from transformers import GPT2LMHeadModel
 
-        weights = GPT2LMHeadModel.from_pretrained(location).state_dict()
+        narrow = GPT2LMHeadModel.from_pretrained(location)
+        weights, their_heads = narrow.state_dict(), narrow.config.n_head
         record = {"from": source, "kind": f"{kind} model", "location": location}
     mine = model.state_dict()
+    d_old, d_new = weights["transformer.wte.weight"].shape[1], mine["transformer.wte.weight"].shape[1]
+    m_old, m_new = weights["transformer.h.0.mlp.c_fc.weight"].shape[1], mine["transformer.h.0.mlp.c_fc.weight"].shape[1]
+    if (d_old, m_old) != (d_new, m_new) and d_new >= d_old and m_new >= m_old and set(weights) == set(mine):
+        heads = model.config.n_head
+        if their_heads not in (None, heads):
+            raise ArithInterpError(f"init_from={source!r} has n_head={their_heads}; widening keeps the heads, so "
+                                   f"train with --set n_head={their_heads}.")  # fmt: skip
+        weights = widen_gpt2_weights(weights, heads, d_new, m_new, seed=seed)
+        record["widened"] = {"d_model": [d_old, d_new], "d_mlp": [m_old, m_new], "noise": WIDEN_NOISE}
     for name, tensor in mine.items():
         if name not in weights or weights[name].shape != tensor.shape:
             theirs = tuple(weights[name].shape) if name in weights else "missing"
             raise ArithInterpError(
                 f"init_from={source!r} does not fit the model being trained: {name} is {theirs} there and "
-                f"{tuple(tensor.shape)} here. Pass the sizes it was trained with (--set d_model=..., d_mlp=...)."
+                f"{tuple(tensor.shape)} here. Pass the sizes it was trained with (--set d_model=..., d_mlp=...), "
+                "or whole multiples of them to widen it."
             )
     model.load_state_dict({name: weights[name] for name in mine})
     return record
@@ -733,7 +819,8 @@ def train_mul4(cfg, out: str | Path, *, overwrite: bool = False, progress: bool 
     _extend_steps(out, settings)
     model = build_model(cfg, N_POSITIONS_MODEL)
     fresh = not (out / "checkpoint" / "checkpoint.pt").is_file()  # open_run resumes a checkpoint it finds
-    init = load_initial_weights(model, sched.init_from) if sched.init_from and fresh else None  # before any write
+    # before any write:
+    init = load_initial_weights(model, sched.init_from, seed=cfg.seed) if sched.init_from and fresh else None
     state = open_run(out, settings, overwrite=overwrite)
     if init is not None:
         atomic_write_json(out / "init.json", init)

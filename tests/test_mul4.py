@@ -491,7 +491,11 @@ def test_a_run_takes_up_internalization_from_another_runs_weights(tmp_path):
     assert from_folder["kind"] == "local model"  # a finished run is a model folder
 
     with pytest.raises(ArithInterpError, match=r"does not fit .* transformer.wte.weight"):
-        train(dataclasses.replace(cfg, d_model=64), tmp_path / "wide", progress=False, schedule=later)
+        train(dataclasses.replace(cfg, d_model=16), tmp_path / "wide", progress=False, schedule=later)
+    with pytest.raises(ArithInterpError, match=r"cannot widen d_model=32, d_mlp=64 to d_model=48.*whole multiple"):
+        train(dataclasses.replace(cfg, d_model=48), tmp_path / "wide", progress=False, schedule=later)
+    with pytest.raises(ArithInterpError, match=r"has n_head=2; .* --set n_head=2"):
+        train(dataclasses.replace(cfg, d_model=64, n_head=4), tmp_path / "wide", progress=False, schedule=later)
     with pytest.raises(ArithInterpError, match="init_from='.*nowhere'.*does not exist"):
         train(cfg, tmp_path / "lost", progress=False, schedule=dataclasses.replace(later, init_from="./nowhere"))
     assert not (tmp_path / "wide").exists() and not (tmp_path / "lost").exists()
@@ -499,6 +503,54 @@ def test_a_run_takes_up_internalization_from_another_runs_weights(tmp_path):
         mul4.Mul4Schedule(start_removed=44)
     with pytest.raises(ArithInterpError, match="start_removed=4 .* without chain of thought"):
         mul4.Mul4Schedule(remove_per_stage=0, start_removed=4)
+
+
+@pytest.mark.parametrize("d_model, d_mlp", [(64, 128), (64, 64), (96, 192), (32, 256)])
+def test_widening_a_model_keeps_its_function(d_model, d_mlp):
+    """Net2Net widening (`widen_gpt2_weights`): with no noise, the wider model's logits are the narrow model's (the
+    copies of each LayerNorm see the same statistics, query and key are rescaled for the longer heads, the tied
+    unembedding's doubled read is undone in ln_f); with the default noise they move by little, but move."""
+    cfg = TrainConfig(task="mul4-icot", steps=1, **TINY)  # d_model 32, d_mlp 64, 2 heads
+    narrow = build_model(cfg, mul4.N_POSITIONS_MODEL).eval()
+    with torch.no_grad():  # make biases and LayerNorms non-trivial, so that their rules are tested too
+        for name, p in narrow.named_parameters():
+            if "bias" in name or ".ln_" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    tokens = torch.randint(0, len(mul4.VOCAB), (5, 30), generator=torch.Generator().manual_seed(1))
+    wide_cfg = dataclasses.replace(cfg, d_model=d_model, d_mlp=d_mlp)
+    with torch.no_grad():
+        want = narrow(tokens).logits
+        exact = build_model(wide_cfg, mul4.N_POSITIONS_MODEL).eval()
+        exact.load_state_dict(mul4.widen_gpt2_weights(narrow.state_dict(), 2, d_model, d_mlp, noise=0))
+        torch.testing.assert_close(exact(tokens).logits, want, atol=2e-5, rtol=1e-5)
+        noisy = build_model(wide_cfg, mul4.N_POSITIONS_MODEL).eval()
+        noisy.load_state_dict(mul4.widen_gpt2_weights(narrow.state_dict(), 2, d_model, d_mlp))
+        moved = (noisy(tokens).logits - want).abs().max().item()
+    assert 1e-4 < moved < 0.2 * want.abs().max().item()
+    assert noisy.transformer.wte.weight is noisy.lm_head.weight  # still tied
+    with pytest.raises(ArithInterpError, match="cannot widen d_model=32, d_mlp=64 to d_model=32, d_mlp=96"):
+        mul4.widen_gpt2_weights(narrow.state_dict(), 2, 32, 96)
+
+
+def test_a_run_can_start_from_a_narrower_runs_weights(tmp_path):
+    """init_from a run of half the width: the record says it was widened, and the new run's first model is the
+    widened one (same answers as the narrow model on the same problems)."""
+    sched = mul4.Mul4Schedule(remove_per_stage=20, steps_per_stage=3)
+    cfg = TrainConfig(task="mul4-icot", steps=12, **TINY)
+    train(cfg, tmp_path / "narrow", progress=False, schedule=sched, max_steps_this_run=4)
+    wide_cfg = dataclasses.replace(cfg, d_model=64, d_mlp=128)
+    wide = build_model(wide_cfg, mul4.N_POSITIONS_MODEL)
+    record = mul4.load_initial_weights(wide, str(tmp_path / "narrow"), seed=3)
+    assert record["widened"] == {"d_model": [32, 64], "d_mlp": [64, 128], "noise": mul4.WIDEN_NOISE}
+    narrow, *_ = mul4.checkpoint_model(tmp_path / "narrow")
+    tokens = torch.randint(0, len(mul4.VOCAB), (4, 25), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        a, b = narrow(tokens).logits, wide.eval()(tokens).logits
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.95 and not torch.equal(a, b)
+    source = str(tmp_path / "narrow")
+    later = mul4.Mul4Schedule(start_removed=20, remove_per_stage=20, steps_per_stage=3, init_from=source)
+    done = train(wide_cfg, tmp_path / "wide", progress=False, schedule=later)
+    assert done["init"]["widened"]["d_model"] == [32, 64]
 
 
 def test_run_origin_follows_warm_starts_back_to_a_fresh_run(tmp_path):
