@@ -257,7 +257,7 @@ class Mul4Schedule:
     # model then has its position table rewritten for the no-cot format (`bake_positions`), so that it is an
     # ordinary GPT-2 there.
     keep_position: bool = False
-    aux_weight: float = 0.0  # weight of the running-sum regression loss (mul4-aux)
+    aux_weight: float = 0.0  # weight of the running-sum regression loss (mul4-aux; mul4-icot may have it too)
     aux_scale: float = 10.0  # the head regresses ĉ_k / aux_scale
     # Adaptive stages: a stage also ends at the first evaluation (every eval_every steps) at which the whole target
     # of its format is exact on this share of `VALIDATION_N` validation problems; steps_per_stage is then the most
@@ -497,15 +497,30 @@ def greedy_eval(model, seed: int, n: int, batch_size: int = 500) -> dict[str, fl
 
 
 class AuxHeads(torch.nn.Module):
-    """One linear head per output digit: ĉ_k / scale ≈ w_k · attn_out[EQ_POS + k] + b_k (last layer's attention)."""
+    """One linear head per output digit: ĉ_k / scale ≈ w_k · attn_out[eq + k] + b_k (last layer's attention), where
+    eq is the index of "=" (the position predicting c_0): EQ_POS in the no-cot format, later where chain-of-thought
+    tokens remain (`eq` per row, as `equals_index` gives)."""
 
     def __init__(self, d_model: int):
         super().__init__()
         self.linear = torch.nn.Linear(d_model, N_OUT)
 
-    def forward(self, attn_out: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch digit"]:
-        x = attn_out[:, EQ_POS : EQ_POS + N_OUT]  # (batch, digit, d_model): the positions predicting c_k
+    def forward(self, attn_out: Float[Tensor, "batch pos d_model"],
+                eq: Int[Tensor, " batch"] | None = None) -> Float[Tensor, "batch digit"]:  # fmt: skip
+        if eq is None:
+            x = attn_out[:, EQ_POS : EQ_POS + N_OUT]  # (batch, digit, d_model): the positions predicting c_k
+        else:
+            idx = eq.to(attn_out.device)[:, None] + torch.arange(N_OUT, device=attn_out.device)
+            x = attn_out.gather(1, idx[:, :, None].expand(-1, -1, attn_out.shape[-1]))
         return torch.einsum("bkd,kd->bk", x, self.linear.weight) + self.linear.bias
+
+
+def equals_index(seq: Int[Tensor, "batch seq"]) -> Int[Tensor, " batch"]:
+    """The index of "=" in each row (rows of `encode` / `encode_removed`, in any stage's format)."""
+    hit = seq == _STOI["="]
+    if not bool((hit.sum(1) == 1).all()):
+        raise ArithInterpError('every row must hold exactly one "="; pass rows made by mul4.encode.')
+    return hit.int().argmax(1)
 
 
 def running_sums(a: Int[Tensor, " batch"], b: Int[Tensor, " batch"]) -> Float[Tensor, "batch digit"]:
@@ -802,9 +817,12 @@ def train_mul4(cfg, out: str | Path, *, overwrite: bool = False, progress: bool 
         raise ArithInterpError(f"task {cfg.task!r} is not a multiplication task; choose one of: {', '.join(TASKS)}.")
     sched = SCHEDULES[cfg.task] if schedule is None else schedule
     removes_cot, has_aux = sched.remove_per_stage > 0, sched.aux_weight > 0
-    if removes_cot != (cfg.task == "mul4-icot") or has_aux != (cfg.task == "mul4-aux"):
+    aux_fits = has_aux if cfg.task == "mul4-aux" else (not has_aux if cfg.task == "mul4-sft" else True)
+    if removes_cot != (cfg.task == "mul4-icot") or not aux_fits:
         raise ArithInterpError(f"schedule {sched} does not fit task {cfg.task!r}: only mul4-icot removes chain-of-"
-                               "thought tokens (remove_per_stage > 0), only mul4-aux has aux_weight > 0.")  # fmt: skip
+                               "thought tokens (remove_per_stage > 0); mul4-aux has aux_weight > 0, mul4-sft has "
+                               "none, and mul4-icot may have it (the loss on the running sums at its answer "
+                               "positions, in every stage).")  # fmt: skip
     before_last = sched.stage_start(len(sched.removals) - 1)  # the most steps the stages before the last take
     if len(sched.removals) > 1 and cfg.steps <= before_last:
         raise ArithInterpError(
@@ -859,7 +877,7 @@ def train_mul4(cfg, out: str | Path, *, overwrite: bool = False, progress: bool 
         loss = ce
         aux_loss = None
         if aux is not None:
-            pred = aux(box["attn_out"])
+            pred = aux(box["attn_out"], equals_index(seq) if removes_cot else None)
             aux_loss = F.mse_loss(pred, running_sums(a, b).to(device) / sched.aux_scale)
             loss = ce + sched.aux_weight * aux_loss
         optimizer_step(opt, params, loss)

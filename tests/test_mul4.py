@@ -345,6 +345,10 @@ def test_configure_overrides_config_and_schedule():
         configure("mul4-sft", ["d_model=66"])
     with pytest.raises(ArithInterpError, match="does not fit task 'mul4-sft'"):
         train(default_config("mul4-sft"), "unused", schedule=mul4.SCHEDULES["mul4-icot"])
+    with pytest.raises(ArithInterpError, match="does not fit task 'mul4-sft'.*mul4-sft has none"):
+        train(default_config("mul4-sft"), "unused", schedule=mul4.Mul4Schedule(remove_per_stage=0, aux_weight=1.0))
+    with pytest.raises(ArithInterpError, match="does not fit task 'mul4-aux'.*mul4-aux has aux_weight > 0"):
+        train(default_config("mul4-aux"), "unused", schedule=mul4.SCHEDULES["mul4-sft"])
 
 
 @pytest.mark.parametrize("task", mul4.TASKS)
@@ -374,6 +378,38 @@ def test_aux_heads_read_the_positions_predicting_each_digit():
     out = heads(x)
     k = torch.arange(8.0)
     assert torch.allclose(out, ((mul4.EQ_POS + k) * (k + 1)).expand(2, 8))
+
+
+def test_aux_heads_follow_the_equals_sign_in_chain_of_thought_formats():
+    """In an internalization stage the answer sits after the remaining chain of thought, at a different index in
+    each row under per-example removal smoothing: the heads read eq + k, with eq the row's "=" (worked out from
+    the format: PREFIX + COT_LEN - removed)."""
+    a, b = torch.tensor([1234, 9999, 5]), torch.tensor([4321, 1, 7777])
+    removed = torch.tensor([0, 30, 44])
+    seq = mul4.encode_removed(a, b, removed)
+    eq = mul4.equals_index(seq)
+    assert eq.tolist() == (mul4.PREFIX + mul4.COT_LEN - removed).tolist() == [55, 25, 11]
+    assert mul4.equals_index(mul4.encode(a, b)).tolist() == [mul4.EQ_POS] * 3
+    heads = mul4.AuxHeads(4)
+    with torch.no_grad():
+        heads.linear.weight.zero_()
+        heads.linear.weight[:, 0] = 1.0
+        heads.linear.bias.zero_()
+    x = torch.zeros(3, seq.shape[1], 4)
+    x[:, :, 0] = torch.arange(float(seq.shape[1]))  # feature 0 = the position
+    assert heads(x, eq).tolist() == [[float(e + k) for k in range(8)] for e in eq.tolist()]
+    with pytest.raises(ArithInterpError, match='exactly one "="'):
+        mul4.equals_index(seq[:, :10])
+
+
+def test_an_internalization_run_can_carry_the_aux_loss(tmp_path):
+    sched = mul4.Mul4Schedule(remove_per_stage=20, steps_per_stage=3, smoothing_per="example", aux_weight=1.0)
+    cfg = TrainConfig(task="mul4-icot", steps=12, **TINY)
+    done = train(cfg, tmp_path / "icot-aux", progress=False, schedule=sched)
+    log = mul4.run_log(tmp_path / "icot-aux")
+    assert {e["removed"] for e in log} == {20, 40, 44} and all(e["aux_mse"] > 0 for e in log)
+    assert done["schedule"]["aux_weight"] == 1.0
+    assert (tmp_path / "icot-aux" / "aux_heads.safetensors").is_file()
 
 
 def test_aux_hook_is_transformer_lens_attn_out(tmp_path, char_tokenizer):
