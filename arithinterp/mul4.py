@@ -507,11 +507,9 @@ class AuxHeads(torch.nn.Module):
 
     def forward(self, attn_out: Float[Tensor, "batch pos d_model"],
                 eq: Int[Tensor, " batch"] | None = None) -> Float[Tensor, "batch digit"]:  # fmt: skip
-        if eq is None:
-            x = attn_out[:, EQ_POS : EQ_POS + N_OUT]  # (batch, digit, d_model): the positions predicting c_k
-        else:
-            idx = eq.to(attn_out.device)[:, None] + torch.arange(N_OUT, device=attn_out.device)
-            x = attn_out.gather(1, idx[:, :, None].expand(-1, -1, attn_out.shape[-1]))
+        eq = torch.full(attn_out.shape[:1], EQ_POS) if eq is None else eq
+        idx = eq.to(attn_out.device)[:, None] + torch.arange(N_OUT, device=attn_out.device)
+        x = attn_out.gather(1, idx[:, :, None].expand(-1, -1, attn_out.shape[-1]))  # the positions predicting c_k
         return torch.einsum("bkd,kd->bk", x, self.linear.weight) + self.linear.bias
 
 
@@ -817,7 +815,7 @@ def train_mul4(cfg, out: str | Path, *, overwrite: bool = False, progress: bool 
         raise ArithInterpError(f"task {cfg.task!r} is not a multiplication task; choose one of: {', '.join(TASKS)}.")
     sched = SCHEDULES[cfg.task] if schedule is None else schedule
     removes_cot, has_aux = sched.remove_per_stage > 0, sched.aux_weight > 0
-    aux_fits = has_aux if cfg.task == "mul4-aux" else (not has_aux if cfg.task == "mul4-sft" else True)
+    aux_fits = {"mul4-aux": has_aux, "mul4-sft": not has_aux}.get(cfg.task, True)  # icot: either
     if removes_cot != (cfg.task == "mul4-icot") or not aux_fits:
         raise ArithInterpError(f"schedule {sched} does not fit task {cfg.task!r}: only mul4-icot removes chain-of-"
                                "thought tokens (remove_per_stage > 0); mul4-aux has aux_weight > 0, mul4-sft has "
