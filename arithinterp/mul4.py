@@ -1062,6 +1062,52 @@ def run_origin(run: str | Path) -> int:
     return int(record["step"]) + (run_origin(source) if source.is_dir() and source.resolve() != run.resolve() else 0)
 
 
+def _run_settings(run: Path) -> dict:
+    """The settings a run folder was started with: `checkpoint/settings.json` while unfinished, else the model
+    card (`arithinterp.json`); {} where neither is there."""
+    for path in (run / "checkpoint" / "settings.json", run / "arithinterp.json"):
+        if path.is_file():
+            return json.loads(path.read_text())
+    return {}
+
+
+def run_lineage(run: str | Path) -> list[dict]:
+    """The chain of runs whose training a run's weights carry, oldest first: one link per run, following
+    `init.json` (`Mul4Schedule.init_from` a run's checkpoint) back to a fresh start.
+
+    Each link: `run` (the folder as recorded), `steps` (how many of that run's steps the chain uses: all of the
+    last run's, and a source's up to the checkpoint step taken from it), `time_s` (that run's training time up to
+    there, from its log), `problems` (steps × batch), `seed`, `batch_size`, `d_model`, and `removed` (the CoT
+    tokens removed in its first and last stage used). A source whose folder is not there gives a link with
+    `steps` only and `missing=True`: the totals are then lower bounds. Training time of a chain is the sum of
+    its links' `time_s`.
+    """
+    links: list[dict] = []
+    here, upto, seen = Path(run), None, set()
+    while True:
+        if here.resolve() in seen:
+            raise ArithInterpError(f"the warm starts recorded from {str(run)!r} go round in a loop at {str(here)!r}.")
+        seen.add(here.resolve())
+        if not here.is_dir():
+            links.append({"run": str(here), "steps": upto, "missing": True})
+            break
+        log = run_log(here)
+        used = [e for e in log if upto is None or e["step"] <= upto]
+        cfg = _run_settings(here).get("train_config", {})
+        last = used[-1] if used else {"step": 0, "time_s": 0.0}
+        links.append({"run": str(here), "steps": last["step"], "time_s": float(last.get("time_s", 0.0)),
+                      "problems": last["step"] * cfg.get("batch_size", 0), "seed": cfg.get("seed"),
+                      "batch_size": cfg.get("batch_size"), "d_model": cfg.get("d_model"),
+                      "removed": (used[0]["removed"], used[-1]["removed"]) if used else None})  # fmt: skip
+        record = _init_record(here).get("init")
+        if record is None and (here / "arithinterp.json").is_file():
+            record = json.loads((here / "arithinterp.json").read_text()).get("init")
+        if not record or record.get("kind") != "run checkpoint":
+            break
+        here, upto = Path(record["from"]), int(record["step"])
+    return links[::-1]
+
+
 def checkpoint_model(run: str | Path) -> tuple[Any, Any, StageClock, dict]:
     """The model of an unfinished run's latest checkpoint (eval mode), with its TrainConfig, its stage clock (the
     schedule is `clock.sched`; `clock.stage(state["step"])` the stage it is in) and the checkpoint's state. Under

@@ -1,6 +1,6 @@
 """Where a multiplication training run stands, stage by stage (issue 8's runs span sessions).
 
-    python benchmarks/mul4_progress.py RUN [RUN ...] [--tokens] [--reads] [--formats] [--html PATH]
+    python benchmarks/mul4_progress.py RUN [RUN ...] [--tokens] [--reads] [--formats] [--lineage] [--html PATH]
 
 RUN is a run folder (unfinished: read from its checkpoint) or a model folder (finished: its training_log.jsonl),
 e.g. `data/models/icot-mul4`. Each stage's row is its last evaluation: 500 held-out problems in the stage's own
@@ -20,6 +20,9 @@ more removed than its stage's. One token more or fewer shifts every later token 
 reads its chain of thought by position rather than by content loses accuracy even where the extra tokens are
 given (fewer removed) or trivial (a removed leading zero of P_j).
 
+`--lineage` prints the chain of warm starts a run's weights come from (`mul4.run_lineage`: each run's steps used,
+problems seen, seed, batch, training time) and their totals: the training time of a model taken up from other runs.
+
 `--html PATH` draws every run's evaluations against the training step (`plots.internalization_figure`); a run
 warm-started from another run's checkpoint (`--set init_from=RUN`) is drawn from the step it continues.
 """
@@ -36,6 +39,7 @@ from arithinterp.mul4 import (
     evaluate,
     format_model,
     held_out,
+    run_lineage,
     run_log,
     run_origin,
     stage_table,
@@ -49,6 +53,7 @@ def main() -> None:
     parser.add_argument("--tokens", action="store_true", help="per-token accuracy of a checkpoint's current stage")
     parser.add_argument("--reads", action="store_true", help="which written CoT digits each answer digit reads")
     parser.add_argument("--formats", action="store_true", help="accuracy in the neighbouring stages' formats")
+    parser.add_argument("--lineage", action="store_true", help="the chain of warm starts and its total time")
     parser.add_argument("--html", help="write a figure of the runs' evaluations against the training step here")
     args = parser.parse_args()
     logs = {}
@@ -68,6 +73,8 @@ def main() -> None:
             ended = "on reaching advance_at" if r["advanced"] else ""
             steps = f"{r['first_step']:>6}-{r['last_step']:<6}"
             print(f"  {r['stage']:>5} {r['removed']:>7} {steps} {scores} {val:>6}  {ended}")
+        if args.lineage:
+            print_lineage(run)
         if args.tokens or args.reads or args.formats:
             try:
                 ckpt = checkpoint_model(run)
@@ -81,6 +88,22 @@ def main() -> None:
         origins = {run: run_origin(run) for run in logs}
         fig = plots.internalization_figure(logs, origins=origins)
         print(f"wrote {plots.write_html(args.html, [fig], title='Stepwise internalization runs')}")
+
+
+def print_lineage(run) -> None:
+    links = run_lineage(run)
+    print(f"  lineage ({len(links)} runs, oldest first; each run's steps up to the checkpoint the next one took):")
+    for link in links:
+        if link.get("missing"):
+            print(f"    {link['run']}: not here (steps up to {link['steps']}); the totals below leave it out")
+            continue
+        lo, hi = link["removed"] or ("-", "-")
+        print(f"    {link['run']}: {link['steps']} steps, removed {lo}..{hi}, seed {link['seed']}, batch "
+              f"{link['batch_size']}, width {link['d_model']}, {link['problems'] / 1e6:.2f}M problems, "
+              f"{link['time_s']:.0f} s")  # fmt: skip
+    here = [link for link in links if not link.get("missing")]
+    steps, problems, time_s = (sum(link[k] for link in here) for k in ("steps", "problems", "time_s"))
+    print(f"    total: {steps} steps, {problems / 1e6:.2f}M problems, {time_s:.0f} s ({time_s / 3600:.1f} h)")
 
 
 def print_tokens(model, cfg, clock, state) -> None:

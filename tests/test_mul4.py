@@ -641,6 +641,38 @@ def test_run_origin_follows_warm_starts_back_to_a_fresh_run(tmp_path):
     assert list(fig.data[0].x) == [100]  # run C, no origin
 
 
+def test_run_lineage_sums_each_run_up_to_the_step_taken_from_it(tmp_path):
+    """A chain fresh → A (taken at step 100 of 150) → B (all of its 60 steps): the totals count A's first 100
+    steps only, at A's batch; a source no longer there is marked missing; a loop is refused."""
+    a, b, gone = tmp_path / "a", tmp_path / "b", tmp_path / "gone"
+
+    def make(run, batch, seed, log, init=None):
+        (run / "checkpoint").mkdir(parents=True)
+        cfg = {"batch_size": batch, "seed": seed, "d_model": 8}
+        (run / "checkpoint" / "settings.json").write_text(json.dumps({"train_config": cfg, "schedule": {}}))
+        torch.save({"log": log}, run / "checkpoint" / "checkpoint.pt")
+        if init is not None:
+            (run / "init.json").write_text(json.dumps({"from": str(init[0]), "kind": "run checkpoint",
+                                                       "step": init[1]}))  # fmt: skip
+
+    def entry(step, removed, t):
+        return {"step": step, "stage": 0, "removed": removed, "time_s": t}
+
+    make(a, 4, 0, [entry(50, 3, 10.0), entry(100, 4, 25.0), entry(150, 5, 40.0)])
+    make(b, 8, 1, [entry(30, 5, 7.0), entry(60, 6, 13.0)], init=(a, 100))
+    links = mul4.run_lineage(b)
+    assert [(link["run"], link["steps"], link["time_s"], link["problems"], link["removed"]) for link in links] == [
+        (str(a), 100, 25.0, 400, (3, 4)),
+        (str(b), 60, 13.0, 480, (5, 6)),
+    ]
+    assert [link["seed"] for link in links] == [0, 1]
+    (a / "init.json").write_text(json.dumps({"from": str(gone), "kind": "run checkpoint", "step": 7}))
+    assert mul4.run_lineage(b)[0] == {"run": str(gone), "steps": 7, "missing": True}
+    (a / "init.json").write_text(json.dumps({"from": str(b), "kind": "run checkpoint", "step": 30}))
+    with pytest.raises(ArithInterpError, match="loop"):
+        mul4.run_lineage(b)
+
+
 def test_a_run_resumed_with_more_steps_is_the_longer_run(tmp_path):
     """Raising `steps` before the last stage gives, bit for bit, the run started with the larger steps; lowering
     it, or raising it once the last stage (whose learning rate decays over `steps`) has begun, is refused."""
