@@ -1053,13 +1053,21 @@ def run_origin(run: str | Path) -> int:
     checkpoint (`Mul4Schedule.init_from`), that checkpoint's step, plus the source run's own origin where its
     folder is still there. Puts a warm-started run on the step axis of the run it continues."""
     run = Path(run)
-    record = _init_record(run).get("init")
-    if record is None and (run / "arithinterp.json").is_file():  # a finished run or a shipped model folder
-        record = json.loads((run / "arithinterp.json").read_text()).get("init")
-    if not record or record.get("kind") != "run checkpoint":
+    record = _warm_start(run)
+    if record is None:
         return 0
     source = Path(record["from"])
     return int(record["step"]) + (run_origin(source) if source.is_dir() and source.resolve() != run.resolve() else 0)
+
+
+def _warm_start(run: Path) -> dict | None:
+    """The `init.json` record of a run warm-started from another run's checkpoint (read from the model card,
+    `arithinterp.json`, for a finished run or a shipped model folder); None for a fresh run or one started from
+    a model folder."""
+    record = _init_record(run).get("init")
+    if record is None and (run / "arithinterp.json").is_file():
+        record = json.loads((run / "arithinterp.json").read_text()).get("init")
+    return record if record and record.get("kind") == "run checkpoint" else None
 
 
 def _run_settings(run: Path) -> dict:
@@ -1099,10 +1107,8 @@ def run_lineage(run: str | Path) -> list[dict]:
                       "problems": last["step"] * cfg.get("batch_size", 0), "seed": cfg.get("seed"),
                       "batch_size": cfg.get("batch_size"), "d_model": cfg.get("d_model"),
                       "removed": (used[0]["removed"], used[-1]["removed"]) if used else None})  # fmt: skip
-        record = _init_record(here).get("init")
-        if record is None and (here / "arithinterp.json").is_file():
-            record = json.loads((here / "arithinterp.json").read_text()).get("init")
-        if not record or record.get("kind") != "run checkpoint":
+        record = _warm_start(here)
+        if record is None:
             break
         here, upto = Path(record["from"]), int(record["step"])
     return links[::-1]
