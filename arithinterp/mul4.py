@@ -33,6 +33,7 @@ Runs are resumable from an atomic checkpoint, like `arithinterp.train.train`.
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 import random
@@ -265,7 +266,8 @@ class Mul4Schedule:
     # one token every 1/8 epoch, i.e. remove_per_stage=1).
     advance_at: float | None = None
     # Chain-of-thought tokens removed in the first stage (Deng et al.'s --remove_start_from): with `init_from`, a
-    # run can take up the internalization of a model that has internalized them already.
+    # run can take up the internalization of a model that has internalized them already. 44 (COT_LEN) runs only
+    # the last stage, the no-cot format: it finishes a line whose stages so far ran as other runs.
     start_removed: int = 0
     # Initial weights: a training run's folder (its latest checkpoint) or a model folder (a built-in name
     # included). "" = a fresh random initialisation. Recorded with the step it came from in `<out>/init.json`.
@@ -274,9 +276,10 @@ class Mul4Schedule:
     def __post_init__(self) -> None:
         if not 0 <= self.remove_per_stage <= COT_LEN:
             raise ArithInterpError(f"remove_per_stage={self.remove_per_stage} must lie in 0..{COT_LEN}.")
-        if not 0 <= self.start_removed < COT_LEN or (self.start_removed and not self.remove_per_stage):
-            raise ArithInterpError(f"start_removed={self.start_removed} must lie in 0..{COT_LEN - 1}, and be 0 "
-                                   "without chain of thought (remove_per_stage=0).")  # fmt: skip
+        if not 0 <= self.start_removed <= COT_LEN or (self.start_removed and not self.remove_per_stage):
+            raise ArithInterpError(f"start_removed={self.start_removed} must lie in 0..{COT_LEN} ({COT_LEN}: only "
+                                   "the last stage, no chain of thought left), and be 0 without chain of thought "
+                                   "(remove_per_stage=0).")  # fmt: skip
         if self.smoothing_per not in ("batch", "example"):
             raise ArithInterpError(f"smoothing_per={self.smoothing_per!r} must be 'batch' (one removal-smoothing "
                                    "offset per batch) or 'example' (one per example, as Deng et al.).")  # fmt: skip
@@ -478,11 +481,15 @@ def cot_reliance(model, a: Int[Tensor, " n"], b: Int[Tensor, " n"], removed: int
 
 
 @torch.no_grad()
-def greedy_eval(model, seed: int, n: int, batch_size: int = 500) -> dict[str, float]:
-    """Greedy generation of the 8 output digits in the no-cot format: exact match and per-digit accuracy."""
+def greedy_eval(model, seed: int, n: int, batch_size: int = 500,
+                problems: tuple[Tensor, Tensor] | None = None) -> dict[str, float]:  # fmt: skip
+    """Greedy generation of the 8 output digits in the no-cot format on the first `n` of `held_out(seed, ...)`
+    (or of `problems`): exact match and per-digit accuracy."""
     from arithinterp.train import greedy_answers
 
-    a, b = held_out(seed, n)
+    a, b = held_out(seed, n) if problems is None else (problems[0][:n], problems[1][:n])
+    if len(a) == 0:
+        raise ArithInterpError("greedy_eval got no problems to evaluate; pass n >= 1 and a non-empty problem set.")
     seq = encode(a, b)
     pred = greedy_answers(model, seq[:, : EQ_POS + 1], N_OUT, batch_size=batch_size)
     target = seq[:, EQ_POS + 1 : EQ_POS + 1 + N_OUT]
@@ -601,16 +608,21 @@ def training_batch(sched: Mul4Schedule, removed: int, sampler: ProblemSampler, n
     `sched.keep_position` the position ids are those of the full format (`kept_position_ids`), else None (the
     model's own 0..n). The draws from `gen` come in a fixed order, which resuming a run relies on.
     """
-    if sched.smoothing_per == "example":
-        a, b = sampler(n, gen)
-        each = _smoothed_removals(sched, removed, len(a), gen)
-        seq = encode_removed(a, b, each)
-    else:
-        base = _smoothed_removal(sched, removed, gen)
-        a, b = sampler(n, gen)
-        seq, each = encode(a, b, base), torch.full((len(a),), base)
+    a, b, each = _draw_batch(sched, removed, sampler, n, gen)
+    seq = encode_removed(a, b, each) if sched.smoothing_per == "example" else encode(a, b, int(each[0]))
     pos = kept_position_ids(each, seq.shape[1] - 1) if sched.keep_position else None
     return a, b, seq, pos
+
+
+def _draw_batch(sched: Mul4Schedule, removed: int, sampler: ProblemSampler, n: int, gen: torch.Generator
+                ) -> tuple[Tensor, Tensor, Int[Tensor, " n"]]:  # fmt: skip
+    """Every draw from `gen` of one `training_batch`, in its order: operands a, b and each row's tokens removed."""
+    if sched.smoothing_per == "example":
+        a, b = sampler(n, gen)
+        return a, b, _smoothed_removals(sched, removed, len(a), gen)
+    base = _smoothed_removal(sched, removed, gen)
+    a, b = sampler(n, gen)
+    return a, b, torch.full((len(a),), base)
 
 
 def optimizer_step(opt: torch.optim.Optimizer, params: list[Tensor], loss: Tensor) -> None:
@@ -1103,8 +1115,9 @@ def run_lineage(run: str | Path) -> list[dict]:
         used = [e for e in log if upto is None or e["step"] <= upto]
         cfg = _run_settings(here).get("train_config", {})
         last = used[-1] if used else {"step": 0, "time_s": 0.0}
-        links.append({"run": str(here), "steps": last["step"], "time_s": float(last.get("time_s", 0.0)),
-                      "problems": last["step"] * cfg.get("batch_size", 0), "seed": cfg.get("seed"),
+        steps = last["step"] if upto is None else upto  # the checkpoint taken, which the log may not have hit
+        links.append({"run": str(here), "steps": steps, "time_s": float(last.get("time_s", 0.0)),
+                      "problems": steps * cfg.get("batch_size", 0), "seed": cfg.get("seed"),
                       "batch_size": cfg.get("batch_size"), "d_model": cfg.get("d_model"),
                       "removed": (used[0]["removed"], used[-1]["removed"]) if used else None})  # fmt: skip
         record = _warm_start(here)
@@ -1112,6 +1125,97 @@ def run_lineage(run: str | Path) -> list[dict]:
             break
         here, upto = Path(record["from"]), int(record["step"])
     return links[::-1]
+
+
+def replay_training_problems(run: str | Path, upto: int | None = None) -> Int[Tensor, " m"]:
+    """The problems of `run`'s training batches before step `upto` (default: all its steps so far), as sorted
+    unique keys a·10⁴ + b, rebuilt by drawing every batch again: the data generator (seeded with the run's seed,
+    saved in each checkpoint) is the only source of them. The replay goes on to the run's checkpoint and must end
+    in the generator state saved there, else it raises (the run drew its batches some other way); so `run` must
+    hold a checkpoint (a finished run has dropped it)."""
+    from arithinterp.train import TrainConfig
+
+    run = Path(run)
+    ckpt = run / "checkpoint" / "checkpoint.pt"
+    if not ckpt.is_file():
+        raise ArithInterpError(f"{str(run)!r} holds no checkpoint (checkpoint/checkpoint.pt): the replay checks itself "
+                               "against the generator state saved there. Pass an unfinished run's folder.")  # fmt: skip
+    settings = json.loads((run / "checkpoint" / "settings.json").read_text())
+    cfg, sched = TrainConfig(**settings["train_config"]), Mul4Schedule(**settings["schedule"])
+    state = torch.load(ckpt, weights_only=True, map_location="cpu")
+    last = int(state["step"])
+    starts = StageClock.restored(sched, state).starts_at(last)  # first step of each stage begun by the checkpoint
+    upto = last if upto is None else upto
+    if not 0 <= upto <= last:
+        raise ArithInterpError(f"upto={upto}: {str(run)!r} has trained {last} steps; pass 0..{last}.")
+    gen, sampler = torch.Generator().manual_seed(cfg.seed), ProblemSampler(cfg.seed, cfg.n_test)
+    keys = []
+    for step in tqdm(range(last), desc=f"replay {run.name}", leave=False, mininterval=5):
+        stage = bisect.bisect_right(starts, step) - 1
+        a, b, _ = _draw_batch(sched, sched.removals[stage], sampler, cfg.batch_size, gen)
+        if step < upto:
+            keys.append(a * 10**DIGITS + b)
+    if not torch.equal(gen.get_state(), state["gen"]):
+        raise ArithInterpError(f"replaying {str(run)!r} to step {last} did not end in the generator state its "
+                               "checkpoint saved: its batches were drawn in another way than `training_batch` "
+                               "draws them now, and which problems it saw cannot be rebuilt.")  # fmt: skip
+    return torch.unique(torch.cat(keys)) if keys else torch.zeros(0, dtype=torch.long)
+
+
+def seen_by_sources(run: str | Path, a: Tensor, b: Tensor) -> Tensor:
+    """Which problems (a, b) a training batch of an earlier run in `run`'s lineage held (`run_lineage`, each
+    source up to the checkpoint step taken from it; `replay_training_problems`). A run never draws its own
+    held-out problems, but a warm start's sources, with other seeds, did not exclude them: this is the share of a
+    held-out set that the weights may have trained on. A source folder that is not there raises."""
+    links = run_lineage(run)[:-1]
+    seen = torch.zeros(len(a), dtype=torch.bool)
+    key = a.long() * 10**DIGITS + b.long()
+    for link in links:
+        if link.get("missing"):
+            raise ArithInterpError(f"{link['run']!r}, a source in the lineage of {str(run)!r}, is not there; its "
+                                   "training problems cannot be replayed.")  # fmt: skip
+        keys = replay_training_problems(link["run"], link["steps"])
+        if len(keys):
+            seen |= keys[torch.searchsorted(keys, key).clamp(max=len(keys) - 1)] == key
+    return seen
+
+
+def held_out_unseen(folder: str | Path) -> dict:
+    """A finished multiplication model's held-out result (greedy, its card's seed and n_test), also on the part of
+    its held-out problems that no run before it in its lineage drew (`seen_by_sources`): for a model taken up from
+    runs with other seeds, the figure that is held out in the strict sense. `folder`: the finished run or model
+    folder (its `arithinterp.json` records the warm start)."""
+    from transformers import GPT2LMHeadModel
+
+    folder = Path(folder)
+    card_path = folder / "arithinterp.json"
+    if not card_path.is_file():
+        raise ArithInterpError(f"{str(folder)!r} holds no arithinterp.json; pass a finished run or model folder.")
+    card = json.loads(card_path.read_text())
+    seed, n = card["train_config"]["seed"], card["n_test"]
+    a, b = held_out(seed, n)
+    seen = seen_by_sources(folder, a, b)
+    model = GPT2LMHeadModel.from_pretrained(folder).eval()
+    unseen = greedy_eval(model, seed, n, problems=(a[~seen], b[~seen]))
+    return {"n": n, "seen_by_sources": int(seen.sum()), "all": greedy_eval(model, seed, n), "unseen": unseen}
+
+
+def record_lineage(folder: str | Path) -> dict:
+    """Write into a finished model's card (`arithinterp.json`, atomically) what a model taken up from other runs
+    needs there: `lineage` (`run_lineage`: every run its weights carry, with steps, problems, seeds and training
+    time) and `held_out_unseen` (`held_out_unseen`: its held-out result also on the problems none of those runs
+    drew). Returns the card. For a built-in whose training was a chain of warm starts."""
+    folder = Path(folder)
+    report = held_out_unseen(folder)  # also checks the card is there
+    card = json.loads((folder / "arithinterp.json").read_text())
+    if report["all"] != card["held_out"]:
+        raise ArithInterpError(f"{str(folder)!r}: the model's held-out result {report['all']} differs from its card's "
+                               f"{card['held_out']}; the card does not describe these weights.")  # fmt: skip
+    card["lineage"] = json.loads(json.dumps(run_lineage(folder)))  # as the file holds it: tuples become lists
+    card["held_out_unseen"] = {"seen_by_sources": report["seen_by_sources"],
+                               "n": report["n"] - report["seen_by_sources"], **report["unseen"]}  # fmt: skip
+    atomic_write_json(folder / "arithinterp.json", card)
+    return card
 
 
 def checkpoint_model(run: str | Path) -> tuple[Any, Any, StageClock, dict]:

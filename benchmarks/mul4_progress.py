@@ -1,6 +1,7 @@
 """Where a multiplication training run stands, stage by stage (issue 8's runs span sessions).
 
-    python benchmarks/mul4_progress.py RUN [RUN ...] [--tokens] [--reads] [--formats] [--lineage] [--html PATH]
+    python benchmarks/mul4_progress.py RUN [RUN ...] [--tokens] [--reads] [--formats] [--lineage] [--unseen]
+        [--html PATH]
 
 RUN is a run folder (unfinished: read from its checkpoint) or a model folder (finished: its training_log.jsonl),
 e.g. `data/models/icot-mul4`. Each stage's row is its last evaluation: 500 held-out problems in the stage's own
@@ -23,6 +24,11 @@ given (fewer removed) or trivial (a removed leading zero of P_j).
 `--lineage` prints the chain of warm starts a run's weights come from (`mul4.run_lineage`: each run's steps used,
 problems seen, seed, batch, training time) and their totals: the training time of a model taken up from other runs.
 
+`--unseen` (finished runs and model folders) re-measures the held-out result (greedy, the card's seed and n_test)
+and again on the held-out problems that no earlier run of the lineage drew (`mul4.held_out_unseen`): each run
+excludes its own seed's held-out problems from training, not those of the seeds after it. The earlier runs' draws
+are rebuilt by replaying their data generators (a minute or two for a long lineage).
+
 `--html PATH` draws every run's evaluations against the training step (`plots.internalization_figure`); a run
 warm-started from another run's checkpoint (`--set init_from=RUN`) is drawn from the step it continues.
 """
@@ -39,6 +45,7 @@ from arithinterp.mul4 import (
     evaluate,
     format_model,
     held_out,
+    held_out_unseen,
     run_lineage,
     run_log,
     run_origin,
@@ -54,6 +61,7 @@ def main() -> None:
     parser.add_argument("--reads", action="store_true", help="which written CoT digits each answer digit reads")
     parser.add_argument("--formats", action="store_true", help="accuracy in the neighbouring stages' formats")
     parser.add_argument("--lineage", action="store_true", help="the chain of warm starts and its total time")
+    parser.add_argument("--unseen", action="store_true", help="held-out result on problems no earlier run drew")
     parser.add_argument("--html", help="write a figure of the runs' evaluations against the training step here")
     args = parser.parse_args()
     logs = {}
@@ -75,6 +83,8 @@ def main() -> None:
             print(f"  {r['stage']:>5} {r['removed']:>7} {steps} {scores} {val:>6}  {ended}")
         if args.lineage:
             print_lineage(run)
+        if args.unseen:
+            print_unseen(run)
         if args.tokens or args.reads or args.formats:
             try:
                 ckpt = checkpoint_model(run)
@@ -104,6 +114,20 @@ def print_lineage(run) -> None:
     here = [link for link in links if not link.get("missing")]
     steps, problems, time_s = (sum(link[k] for link in here) for k in ("steps", "problems", "time_s"))
     print(f"    total: {steps} steps, {problems / 1e6:.2f}M problems, {time_s:.0f} s ({time_s / 3600:.1f} h)")
+
+
+def print_unseen(run) -> None:
+    try:
+        r = held_out_unseen(run)
+    except ArithInterpError as err:
+        print(f"  --unseen: {err}")
+        return
+    clean = r["n"] - r["seen_by_sources"]
+    for name, res, count in (("all", r["all"], r["n"]), ("never drawn before", r["unseen"], clean)):
+        print(
+            f"  held out, {name} ({count} problems): exact {res['exact_match']:.3f}, digits "
+            f"{res['digit_accuracy']:.4f}, per digit {' '.join(f'{x:.3f}' for x in res['digit_accuracy_per_k'])}"
+        )
 
 
 def print_tokens(model, cfg, clock, state) -> None:

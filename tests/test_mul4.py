@@ -352,12 +352,26 @@ def test_configure_overrides_config_and_schedule():
 
 
 @pytest.mark.parametrize("task", mul4.TASKS)
-def test_shipped_models_were_trained_with_the_defaults(task):
-    """`arithinterp train --task mul4-*` reproduces the settings of the shipped built-in (its arithinterp.json)."""
+def test_shipped_models_were_trained_as_their_cards_say(task, monkeypatch):
+    """A built-in trained in one run: `arithinterp train --task mul4-*` with the defaults reproduces its settings
+    (its arithinterp.json). One taken up from other runs (a `lineage` in its card): every run of the chain is
+    committed under data/runs, replays to the generator state of its checkpoint (so the recorded settings drew
+    those batches), and the held-out figures, the strict one included, are re-measured."""
     from arithinterp.models import resolve
 
+    monkeypatch.chdir(Path(__file__).parents[1])  # the lineage names its runs from the project root
     name = {"mul4-icot": "icot-mul4", "mul4-sft": "sft-mul4", "mul4-aux": "aux-mul4"}[task]
-    card = json.loads((Path(resolve(name)[1]) / "arithinterp.json").read_text())
+    folder = Path(resolve(name)[1])
+    card = json.loads((folder / "arithinterp.json").read_text())
+    if "lineage" in card:
+        links = json.loads(json.dumps(mul4.run_lineage(folder)))
+        assert [link | {"run": None} for link in links] == [link | {"run": None} for link in card["lineage"]]
+        assert all(link["run"].startswith("data/runs/") for link in card["lineage"][:-1])
+        report = mul4.held_out_unseen(folder)  # replays every source run
+        seen = report["seen_by_sources"]
+        assert card["held_out_unseen"] == {"seen_by_sources": seen, "n": report["n"] - seen, **report["unseen"]}
+        assert card["held_out"] == report["all"]
+        return
     assert card["train_config"] == dataclasses.asdict(default_config(task))
     # fields added since (start_removed, init_from) take their defaults, which is what the run did
     assert dataclasses.asdict(mul4.Mul4Schedule(**card["schedule"])) == dataclasses.asdict(mul4.SCHEDULES[task])
@@ -535,10 +549,29 @@ def test_a_run_takes_up_internalization_from_another_runs_weights(tmp_path):
     with pytest.raises(ArithInterpError, match="init_from='.*nowhere'.*does not exist"):
         train(cfg, tmp_path / "lost", progress=False, schedule=dataclasses.replace(later, init_from="./nowhere"))
     assert not (tmp_path / "wide").exists() and not (tmp_path / "lost").exists()
-    with pytest.raises(ArithInterpError, match="start_removed=44"):
-        mul4.Mul4Schedule(start_removed=44)
+    with pytest.raises(ArithInterpError, match=r"start_removed=45 must lie in 0\.\.44"):
+        mul4.Mul4Schedule(start_removed=45)
     with pytest.raises(ArithInterpError, match="start_removed=4 .* without chain of thought"):
         mul4.Mul4Schedule(remove_per_stage=0, start_removed=4)
+
+
+def test_start_removed_44_finishes_a_line_with_the_last_stage_alone(tmp_path):
+    """start_removed=44 is one stage, the no-cot format: the whole run is a last stage (warm-up, then the cosine
+    decay over all its steps), from the source's weights, and it ends as a finished model with its init record."""
+    sched = mul4.Mul4Schedule(remove_per_stage=20, steps_per_stage=3)
+    cfg = TrainConfig(task="mul4-icot", steps=12, **TINY)
+    train(cfg, tmp_path / "line", progress=False, schedule=sched, max_steps_this_run=7)
+    finish = mul4.Mul4Schedule(remove_per_stage=1, steps_per_stage=60_000, advance_at=0.9, start_removed=44,
+                               init_from=str(tmp_path / "line"))  # fmt: skip
+    assert finish.removals == [44]
+    done = train(dataclasses.replace(cfg, steps=8), tmp_path / "finish", progress=False, schedule=finish)
+    log = mul4.run_log(tmp_path / "finish")
+    assert {e["removed"] for e in log} == {44} and not any("val_exact_match" in e for e in log)
+    assert done["init"]["step"] == 7 and done["init"]["from"] == str(tmp_path / "line")
+    clock = mul4.StageClock.restored(finish, None)
+    lrs = [mul4._lr(dataclasses.replace(cfg, steps=8), clock, step) for step in range(8)]
+    assert lrs[:2] == [cfg.lr / 2, cfg.lr] and lrs[-1] < lrs[2] == cfg.lr  # warm-up 2, then decay in the stage
+    assert (tmp_path / "finish" / "model.safetensors").is_file()
 
 
 def test_a_warm_start_takes_the_sources_aux_heads(tmp_path):
@@ -671,6 +704,95 @@ def test_run_lineage_sums_each_run_up_to_the_step_taken_from_it(tmp_path):
     (a / "init.json").write_text(json.dumps({"from": str(b), "kind": "run checkpoint", "step": 30}))
     with pytest.raises(ArithInterpError, match="loop"):
         mul4.run_lineage(b)
+
+
+def test_replay_rebuilds_the_problems_each_training_batch_held(tmp_path, monkeypatch):
+    """The replayed problems are those the training loop drew (recorded here as it trains), across a stage with
+    removal smoothing and the last stage, which draws no offsets; a source taken at step 5 contributes its first 5
+    batches only; a checkpoint whose generator state the replay does not reach is refused."""
+    drawn: list[list[int]] = []
+    real = mul4.training_batch
+
+    def recording(*args):
+        a, b, seq, pos = real(*args)
+        drawn.append((a * 10**mul4.DIGITS + b).tolist())
+        return a, b, seq, pos
+
+    monkeypatch.setattr(mul4, "training_batch", recording)
+    sched = mul4.Mul4Schedule(remove_per_stage=1, start_removed=42, steps_per_stage=3, smoothing_per="example",
+                              keep_position=True, advance_at=1.0)  # fmt: skip
+    # adaptive stages that a tiny model never passes, so each runs out of steps: 42 at 0-2, 43 at 3-5, 44 from 6
+    cfg = TrainConfig(task="mul4-icot", steps=20, **TINY)
+    train(cfg, tmp_path / "a", progress=False, schedule=sched, max_steps_this_run=9)
+    assert len(drawn) == 9
+    assert mul4.replay_training_problems(tmp_path / "a").tolist() == sorted({k for d in drawn for k in d})
+    assert mul4.replay_training_problems(tmp_path / "a", 5).tolist() == sorted({k for d in drawn[:5] for k in d})
+
+    later = dataclasses.replace(sched, start_removed=44, init_from=str(tmp_path / "a"))
+    drawn_a = list(drawn)
+    train(dataclasses.replace(cfg, seed=1, steps=4), tmp_path / "b", progress=False, schedule=later)
+    b_only = [k for d in drawn[9:] for k in d if k not in {k for d in drawn_a for k in d}]
+    query = torch.tensor([k for d in drawn_a for k in d] + b_only)
+    seen = mul4.seen_by_sources(tmp_path / "b", query // 10**mul4.DIGITS, query % 10**mul4.DIGITS)
+    assert seen.tolist() == [True] * sum(map(len, drawn_a)) + [False] * len(b_only) and b_only
+
+    state = torch.load(tmp_path / "a" / "checkpoint" / "checkpoint.pt", weights_only=True)
+    state["stages"] = {"starts": [0, 3, 4]}  # the last stage (no offsets drawn) said to begin two steps early
+    torch.save(state, tmp_path / "a" / "checkpoint" / "checkpoint.pt")
+    with pytest.raises(ArithInterpError, match="did not end in the generator state"):
+        mul4.replay_training_problems(tmp_path / "a")
+    with pytest.raises(ArithInterpError, match="upto=10: .* has trained 9 steps"):
+        mul4.replay_training_problems(tmp_path / "b" / ".." / "a", 10)
+
+
+def test_held_out_unseen_leaves_out_the_problems_a_source_drew(tmp_path, monkeypatch):
+    """A held-out set made of 10 problems that the source run trained on and 10 it did not: the strict figure is
+    the greedy result on the 10 it did not, and the whole-set figure is unchanged."""
+    sched = mul4.Mul4Schedule(remove_per_stage=20, steps_per_stage=3)
+    cfg = TrainConfig(task="mul4-icot", steps=12, **TINY)
+    train(cfg, tmp_path / "a", progress=False, schedule=sched, max_steps_this_run=6)
+    drawn = mul4.replay_training_problems(tmp_path / "a")[:10]
+    fresh_a, fresh_b = mul4.random_pairs(10, 99, mul4.DIGITS)
+    test_a, test_b = torch.cat([drawn // 10**mul4.DIGITS, fresh_a]), torch.cat([drawn % 10**mul4.DIGITS, fresh_b])
+    real = mul4.held_out  # the source (seed 0) keeps its own held-out set, which its sampler left out
+    monkeypatch.setattr(mul4, "held_out", lambda seed, n: (test_a[:n], test_b[:n]) if seed == 1 else real(seed, n))
+    finish = dataclasses.replace(sched, start_removed=44, init_from=str(tmp_path / "a"))
+    train(dataclasses.replace(cfg, seed=1, steps=4), tmp_path / "b", progress=False, schedule=finish)
+    r = mul4.held_out_unseen(tmp_path / "b")
+    assert (r["n"], r["seen_by_sources"]) == (20, 10)
+    from transformers import GPT2LMHeadModel
+
+    model = GPT2LMHeadModel.from_pretrained(tmp_path / "b").eval()
+    assert r["unseen"] == mul4.greedy_eval(model, 1, 20, problems=(fresh_a, fresh_b))
+    assert r["all"] == mul4.greedy_eval(model, 1, 20) == json.loads((tmp_path / "b" / "arithinterp.json").read_text())[
+        "held_out"]  # fmt: skip
+    with pytest.raises(ArithInterpError, match="holds no arithinterp.json"):
+        mul4.held_out_unseen(tmp_path / "a")
+
+    card = mul4.record_lineage(tmp_path / "b")
+    assert card == json.loads((tmp_path / "b" / "arithinterp.json").read_text())
+    assert [(link["run"], link["steps"], link["seed"]) for link in card["lineage"]] == [
+        (str(tmp_path / "a"), 6, 0), (str(tmp_path / "b"), 4, 1)]  # fmt: skip
+    assert card["held_out_unseen"] == {"seen_by_sources": 10, "n": 10, **r["unseen"]}
+    card["held_out"]["exact_match"] = 0.5  # a card that does not describe the weights
+    (tmp_path / "b" / "arithinterp.json").write_text(json.dumps(card))
+    with pytest.raises(ArithInterpError, match="differs from its card"):
+        mul4.record_lineage(tmp_path / "b")
+
+
+def test_replay_ends_in_the_generator_state_of_the_committed_runs():
+    """Known truth from a real run: the seed-3 line drew 5,000 batches at 42 tokens removed and 3,500 at 43, then
+    passed into the no-cot stage (which draws no offsets) at its checkpoint; the replay must land on the generator
+    state saved there, which it misses if it takes any of those steps for the last stage."""
+    run = Path(__file__).parents[1] / "data" / "runs" / "icot-b256-seed3-from42"
+    if not (run / "checkpoint" / "checkpoint.pt").is_file():
+        pytest.skip("data/runs/icot-b256-seed3-from42 is not in this checkout")
+    state = torch.load(run / "checkpoint" / "checkpoint.pt", weights_only=True)
+    assert state["stages"]["starts"] == [0, 5000, 8500] and state["step"] == 8500
+    keys = mul4.replay_training_problems(run)
+    draws, space = 256 * state["step"], 10**8
+    expected = space * (1 - np.exp(-draws / space))  # distinct problems among uniform draws (~1% come twice)
+    assert abs(len(keys) - expected) < 1_000  # the number of repeats has a standard deviation of ~150
 
 
 def test_a_run_resumed_with_more_steps_is_the_longer_run(tmp_path):
