@@ -1068,7 +1068,7 @@ def run_origin(run: str | Path) -> int:
     record = _warm_start(run)
     if record is None:
         return 0
-    source = Path(record["from"])
+    source = run_folder(record["from"])
     return int(record["step"]) + (run_origin(source) if source.is_dir() and source.resolve() != run.resolve() else 0)
 
 
@@ -1103,28 +1103,53 @@ def run_lineage(run: str | Path) -> list[dict]:
     its links' `time_s`.
     """
     links: list[dict] = []
-    here, upto, seen = Path(run), None, set()
+    name, upto, seen = str(run), None, set()  # name: the folder as recorded; here: where it is found
     while True:
+        here = run_folder(name)
         if here.resolve() in seen:
-            raise ArithInterpError(f"the warm starts recorded from {str(run)!r} go round in a loop at {str(here)!r}.")
+            raise ArithInterpError(f"the warm starts recorded from {str(run)!r} go round in a loop at {name!r}.")
         seen.add(here.resolve())
         if not here.is_dir():
-            links.append({"run": str(here), "steps": upto, "missing": True})
+            links.append({"run": name, "steps": upto, "missing": True})
             break
         log = run_log(here)
         used = [e for e in log if upto is None or e["step"] <= upto]
         cfg = _run_settings(here).get("train_config", {})
         last = used[-1] if used else {"step": 0, "time_s": 0.0}
         steps = last["step"] if upto is None else upto  # the checkpoint taken, which the log may not have hit
-        links.append({"run": str(here), "steps": steps, "time_s": float(last.get("time_s", 0.0)),
+        links.append({"run": name, "steps": steps, "time_s": float(last.get("time_s", 0.0)),
                       "problems": steps * cfg.get("batch_size", 0), "seed": cfg.get("seed"),
                       "batch_size": cfg.get("batch_size"), "d_model": cfg.get("d_model"),
                       "removed": (used[0]["removed"], used[-1]["removed"]) if used else None})  # fmt: skip
         record = _warm_start(here)
         if record is None:
             break
-        here, upto = Path(record["from"]), int(record["step"])
+        name, upto = record["from"], int(record["step"])
     return links[::-1]
+
+
+def lineage_logs(run: str | Path) -> tuple[dict[str, list[dict]], dict[str, int]]:
+    """Every run of `run`'s lineage with its log cut at the step the next run took, and the step it starts from
+    on the chain's axis: `plots.internalization_figure(logs, origins=origins)` then draws the whole training of a
+    model taken up from other runs as one curve. Missing source folders are left out (their steps still count)."""
+    logs, origins, at = {}, {}, 0
+    for link in run_lineage(run):
+        if not link.get("missing"):
+            logs[link["run"]] = [e for e in run_log(run_folder(link["run"])) if e["step"] <= link["steps"]]
+            origins[link["run"]] = at
+        at += link["steps"] or 0
+    return logs, origins
+
+
+def run_folder(recorded: str | Path) -> Path:
+    """Where a run folder named in a record (`init.json`, a card's lineage) is: the path itself, or, for a relative
+    path not found from here, the same path under the project root (the committed runs are recorded as
+    `data/runs/...`, so a notebook or test run from elsewhere still finds them)."""
+    path = Path(recorded)
+    if path.exists() or path.is_absolute():
+        return path
+    in_project = Path(__file__).resolve().parents[1] / path
+    return in_project if in_project.exists() else path
 
 
 def replay_training_problems(run: str | Path, upto: int | None = None) -> Int[Tensor, " m"]:
@@ -1174,7 +1199,7 @@ def seen_by_sources(run: str | Path, a: Tensor, b: Tensor) -> Tensor:
         if link.get("missing"):
             raise ArithInterpError(f"{link['run']!r}, a source in the lineage of {str(run)!r}, is not there; its "
                                    "training problems cannot be replayed.")  # fmt: skip
-        keys = replay_training_problems(link["run"], link["steps"])
+        keys = replay_training_problems(run_folder(link["run"]), link["steps"])
         if len(keys):
             seen |= keys[torch.searchsorted(keys, key).clamp(max=len(keys) - 1)] == key
     return seen

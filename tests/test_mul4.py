@@ -795,6 +795,24 @@ def test_replay_ends_in_the_generator_state_of_the_committed_runs():
     assert abs(len(keys) - expected) < 1_000  # the number of repeats has a standard deviation of ~150
 
 
+def test_committed_runs_are_found_from_any_folder(tmp_path, monkeypatch):
+    """Records name the committed runs from the project root (data/runs/...); run_lineage follows them from
+    elsewhere too (a notebook runs in a scratch folder), keeping the names as recorded."""
+    if not (Path(__file__).parents[1] / "data" / "runs" / "icot-b256-seed3-from42").is_dir():
+        pytest.skip("data/runs is not in this checkout")
+    monkeypatch.chdir(tmp_path)
+    links = mul4.run_lineage("data/runs/icot-b256-seed3-from42")
+    assert [link["run"] for link in links] == ["data/runs/icot-r1-keeppos", "data/runs/icot-b256-from30",
+                                               "data/runs/icot-b256-seed1-from33", "data/runs/icot-b256-seed2-from35",
+                                               "data/runs/icot-b256-seed3-from42"]  # fmt: skip
+    assert not any(link.get("missing") for link in links) and links[-1]["steps"] == 8500
+    assert mul4.run_origin(mul4.run_folder("data/runs/icot-b256-seed3-from42")) == 52500 + 45000 + 30500 + 30000
+    assert mul4.run_folder("runs/nowhere") == Path("runs/nowhere")
+    logs, origins = mul4.lineage_logs("data/runs/icot-b256-seed3-from42")
+    assert list(origins.values()) == [0, 52500, 97500, 128000, 158000] and list(logs) == list(origins)
+    assert [log[-1]["step"] for log in logs.values()] == [52500, 45000, 30500, 30000, 8500]  # cut where taken
+
+
 def test_a_run_resumed_with_more_steps_is_the_longer_run(tmp_path):
     """Raising `steps` before the last stage gives, bit for bit, the run started with the larger steps; lowering
     it, or raising it once the last stage (whose learning rate decays over `steps`) has begun, is refused."""
