@@ -29,7 +29,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from arithinterp._errors import ArithInterpError
-from arithinterp._io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from arithinterp._io import _umask, atomic_write_bytes, atomic_write_json, atomic_write_text
 from arithinterp.tokenizer import VOCAB, build_char_tokenizer
 
 
@@ -593,5 +593,6 @@ def _write_model_folder(out: Path, model, tokenizer=None) -> None:
     model.save_pretrained(tmp, safe_serialization=True)
     (build_char_tokenizer() if tokenizer is None else tokenizer).save_pretrained(tmp)
     for f in tmp.iterdir():
+        f.chmod(0o666 & ~_umask())  # transformers writes model.safetensors 0600; give it the usual permissions
         f.replace(out / f.name)
     tmp.rmdir()

@@ -35,6 +35,12 @@ def test_resume_is_bit_identical(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert full["held_out"] == done["held_out"]
     assert not (tmp_path / "resumed" / "checkpoint").exists()
+    import os
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    modes = {f.name: f.stat().st_mode & 0o777 for f in (tmp_path / "full").iterdir() if f.is_file()}
+    assert set(modes.values()) == {0o666 & ~mask}, modes  # model.safetensors too, though transformers writes it 0600
     last = json.loads((tmp_path / "full" / "training_log.jsonl").read_text().splitlines()[-1])
     assert last["step"] == 12 and "exact_match" in last and "loss" in last
 
