@@ -232,10 +232,15 @@ class ProblemSampler:
         hi = 10**DIGITS
         a = torch.randint(0, hi, (2 * n,), generator=g)
         b = torch.randint(0, hi, (2 * n,), generator=g)
-        key = a * hi + b
-        idx = torch.searchsorted(self.banned, key).clamp(max=len(self.banned) - 1)
-        keep = self.banned[idx] != key
+        keep = ~_in_sorted(self.banned, a * hi + b)
         return a[keep][:n], b[keep][:n]
+
+
+def _in_sorted(keys: Int[Tensor, " m"], query: Int[Tensor, " n"]) -> Tensor:
+    """Which of `query` occur in the sorted `keys` (problems as keys a·10⁴ + b)."""
+    if len(keys) == 0:
+        return torch.zeros(len(query), dtype=torch.bool)
+    return keys[torch.searchsorted(keys, query).clamp(max=len(keys) - 1)] == query
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1199,9 +1204,7 @@ def seen_by_sources(run: str | Path, a: Tensor, b: Tensor) -> Tensor:
         if link.get("missing"):
             raise ArithInterpError(f"{link['run']!r}, a source in the lineage of {str(run)!r}, is not there; its "
                                    "training problems cannot be replayed.")  # fmt: skip
-        keys = replay_training_problems(run_folder(link["run"]), link["steps"])
-        if len(keys):
-            seen |= keys[torch.searchsorted(keys, key).clamp(max=len(keys) - 1)] == key
+        seen |= _in_sorted(replay_training_problems(run_folder(link["run"]), link["steps"]), key)
     return seen
 
 
