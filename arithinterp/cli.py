@@ -839,8 +839,8 @@ def store(model_spec, task, n, seed, style, counterfactual, digits, operand_rang
 @model_option
 @task_options
 @click.option("--target", required=True, help="Metadata field to probe: a, result, a_digits[0], carries[1], "
-              "result_digits[2], partial_products[1][2], ...; with --task mul4 also running-sum, column-sum, carry "
-              "or result-digits: value k at the position predicting c_k, for every k.")  # fmt: skip
+              "result_digits[2], partial_products[1][2], ...; with --task mul4 also running-sum, column-sum, carry, "
+              "unit-sum or result-digits: value k at the position predicting c_k, for every k.")  # fmt: skip
 @click.option("--hook", "hooks", multiple=True, metavar="NAME|PATTERN",
               help="Hook points to probe, repeatable or comma-separated, patterns allowed (default: the residual "
                    "stream entering block 0 and after every block).")  # fmt: skip
@@ -881,7 +881,7 @@ def probe(model_spec, task, n, seed, style, counterfactual, digits, operand_rang
           overwrite) -> None:  # fmt: skip
     """Linear probes of a metadata target per hook and position, with controls, Fourier fits and PCA.
 
-    With --task mul4, a per-digit field without an index (--target running-sum, column-sum, carry or
+    With --task mul4, a per-digit field without an index (--target running-sum, column-sum, carry, unit-sum or
     result-digits) probes its value k at the position predicting c_k, for every k and hook (Bai et al.'s ĉ_k probe
     at every depth); that needs the model, not --store.
     """

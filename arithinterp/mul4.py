@@ -62,7 +62,9 @@ COT_PARTS = (("P", 0, 5), ("+",), ("P", 1, 6), (":",), ("S", 1, 6), ("+",), ("P"
 COT_LEN = sum(p[2] if len(p) == 3 else 1 for p in COT_PARTS)  # 44
 NO_COT_LEN = PREFIX + 1 + N_OUT + 1  # 21 tokens including <bos> and <eos>
 TASKS = ("mul4-icot", "mul4-sft", "mul4-aux")
-AUX_TARGETS = ("sum", "phase")
+AUX_TARGETS = ("sum", "phase", "units")
+#: The targets the heads regress as one number per digit (read back as round(x) mod 10), not as a phase.
+SCALAR_AUX_TARGETS = ("sum", "units")
 
 _STOI = {t: i for i, t in enumerate(VOCAB)}
 _D0 = _STOI["0"]
@@ -81,23 +83,26 @@ def mul4_meta(a: int, b: int) -> dict[str, Any]:
     """Everything a probe may ask about a × b, as plain JSON-able lists (index i = the 10**i place).
 
     `partial_products[i][j]` = a_i·b_j; `column_sums[k]` = s_k; `carries[k]` = r_{k-1}, the carry *into* place k;
-    `running_sums[k]` = ĉ_k = s_k + carries[k]; `result_digits[k]` = c_k = ĉ_k mod 10.
+    `running_sums[k]` = ĉ_k = s_k + carries[k]; `result_digits[k]` = c_k = ĉ_k mod 10; `unit_sums[k]` = U_k, the
+    units digits of column k's partial products plus carries[k] (≡ ĉ_k mod 10, see `unit_sums`).
     """
     if not (0 <= a < 10**DIGITS and 0 <= b < 10**DIGITS):
         raise ArithInterpError(f"operands {a} and {b} must lie in 0..{10**DIGITS - 1} for 4x4 multiplication.")
     ad, bd = digits_lsb(a, DIGITS), digits_lsb(b, DIGITS)
     pp = [[ad[i] * bd[j] for j in range(DIGITS)] for i in range(DIGITS)]
     s = [sum(pp[i][k - i] for i in range(DIGITS) if 0 <= k - i < DIGITS) for k in range(N_OUT)]
-    carries, running, out, carry = [], [], [], 0
+    carries, running, units, out, carry = [], [], [], [], 0
     for k in range(N_OUT):
         carries.append(carry)
         running.append(s[k] + carry)
+        units.append(sum(pp[i][k - i] % 10 for i in range(DIGITS) if 0 <= k - i < DIGITS) + carry)
         out.append(running[-1] % 10)
         carry = running[-1] // 10
     assert carry == 0 and sum(d * 10**k for k, d in enumerate(out)) == a * b
     return {
         "op": "mul", "a": a, "b": b, "result": a * b, "a_digits": ad, "b_digits": bd, "result_digits": out,
         "partial_products": pp, "column_sums": s, "carries": carries, "running_sums": running,
+        "unit_sums": units,
         "row_products": [a * bd[j] for j in range(DIGITS)],  # a·b_j, the P_j of the chain of thought / 10**j
     }  # fmt: skip
 
@@ -268,7 +273,9 @@ class Mul4Schedule:
     aux_scale: float = 10.0  # the head regresses ĉ_k / aux_scale
     # What the heads regress: "sum", ĉ_k / aux_scale (Bai et al.'s running-sum probe); "phase", cos and sin of
     # 2π ĉ_k / 10 (two heads per digit), the period-10 Fourier code of ĉ_k, from which c_k = ĉ_k mod 10 is read
-    # off directly. "phase" is this project's variant, not the paper's.
+    # off directly. "phase" is this project's variant, not the paper's. "units", also this project's: U_k / aux_scale,
+    # U_k = Σ_{i+j=k} (a_i·b_j mod 10) + r_{k-1} (`unit_sums`), which is ≡ ĉ_k mod 10 but spans 0..~71 instead of
+    # 0..~360, so the last MLP's mod 10 has a seventh as many periods to cut.
     aux_target: str = "sum"
     # Adaptive stages: a stage also ends at the first evaluation (every eval_every steps) at which the whole target
     # of its format is exact on this share of `VALIDATION_N` validation problems; steps_per_stage is then the most
@@ -302,7 +309,9 @@ class Mul4Schedule:
             raise ArithInterpError("smoothing and aux_weight must be >= 0 and aux_scale > 0.")
         if self.aux_target not in AUX_TARGETS:
             raise ArithInterpError(f"aux_target={self.aux_target!r} must be one of {', '.join(AUX_TARGETS)}: 'sum' "
-                                   "regresses ĉ_k / aux_scale, 'phase' cos and sin of 2π ĉ_k / 10.")  # fmt: skip
+                                   "regresses ĉ_k / aux_scale, 'phase' cos and sin of 2π ĉ_k / 10, 'units' "
+                                   "U_k / aux_scale (the units digits of the partial products plus the carry)."
+                                   )  # fmt: skip
         if self.advance_at is not None and not 0 < self.advance_at <= 1:
             raise ArithInterpError(f"advance_at={self.advance_at} must lie in (0, 1] (a share of exact answers), "
                                    "or be None for fixed-length stages.")  # fmt: skip
@@ -522,8 +531,9 @@ class AuxHeads(torch.nn.Module):
     chain-of-thought tokens remain (`eq` per row, as `equals_index` gives).
 
     `target="sum"`: one head per digit, ĉ_k / scale ≈ w_k · attn_out[eq + k] + b_k (Bai et al.'s running-sum
-    probe). `target="phase"`: two per digit, regressing cos and sin of 2π ĉ_k / 10 (see `Mul4Schedule.aux_target`).
-    `targets(a, b)` gives what they regress, `digits(out)` the c_k they imply."""
+    probe). `target="phase"`: two per digit, regressing cos and sin of 2π ĉ_k / 10; `target="units"`: one per digit,
+    U_k / scale (`unit_sums`; see `Mul4Schedule.aux_target`). `targets(a, b)` gives what they regress, `values(a, b)`
+    the numbers behind it (ĉ_k or U_k; ĉ_k for "phase"), `digits(out)` the c_k they imply."""
 
     def __init__(self, d_model: int, target: str = "sum", scale: float = 10.0):
         super().__init__()
@@ -542,16 +552,21 @@ class AuxHeads(torch.nn.Module):
         out = torch.einsum("bkd,kpd->bkp", x, w) + self.linear.bias.view(N_OUT, self.per_digit)
         return out[..., 0] if self.per_digit == 1 else out
 
+    def values(self, a: Int[Tensor, " batch"], b: Int[Tensor, " batch"]) -> Float[Tensor, "batch digit"]:
+        """The number per digit the heads' target is made of: U_k for "units", else ĉ_k."""
+        return unit_sums(a, b) if self.target == "units" else running_sums(a, b)
+
     def targets(self, a: Int[Tensor, " batch"], b: Int[Tensor, " batch"]) -> Float[Tensor, "batch digit *two"]:
-        sums = running_sums(a, b)
-        if self.target == "sum":
-            return sums / self.scale
-        angle = 2 * torch.pi * sums / 10
+        values = self.values(a, b)
+        if self.target in SCALAR_AUX_TARGETS:
+            return values / self.scale
+        angle = 2 * torch.pi * values / 10
         return torch.stack([angle.cos(), angle.sin()], -1)
 
     def digits(self, out: Float[Tensor, "batch digit *two"]) -> Int[Tensor, "batch digit"]:
-        """The output digits c_k the heads' outputs imply: round(ĉ_k) mod 10, or the nearest of the ten phases."""
-        if self.target == "sum":
+        """The output digits c_k the heads' outputs imply: round(ĉ_k) (or round(U_k)) mod 10, or the nearest of
+        the ten phases."""
+        if self.target in SCALAR_AUX_TARGETS:
             return (out * self.scale).round().long().remainder(10)
         turns = torch.atan2(out[..., 1], out[..., 0]) / (2 * torch.pi)
         return (turns * 10).round().long().remainder(10)
@@ -578,6 +593,20 @@ def running_sums(a: Int[Tensor, " batch"], b: Int[Tensor, " batch"]) -> Float[Te
         out.append(s[:, k] + carry)
         carry = out[-1] // 10
     return torch.stack(out, 1).float()
+
+
+def unit_sums(a: Int[Tensor, " batch"], b: Int[Tensor, " batch"]) -> Float[Tensor, "batch digit"]:
+    """U_k = Σ_{i+j=k} (a_i·b_j mod 10) + r_{k-1}: the units digits of column k's partial products plus the carry
+    into place k (`mul4_meta`'s "carries"). U_k ≡ ĉ_k (mod 10), so c_k = U_k mod 10, and U_k ≤ 4·9 + r_{k-1}."""
+    ad = (a[:, None] // 10 ** torch.arange(DIGITS)) % 10
+    bd = (b[:, None] // 10 ** torch.arange(DIGITS)) % 10
+    units = (ad[:, :, None] * bd[:, None, :]) % 10  # (batch, i, j)
+    u = torch.zeros(a.shape[0], N_OUT)
+    for i in range(DIGITS):
+        u[:, i : i + DIGITS] += units[:, i]
+    running = running_sums(a, b)
+    carries = torch.cat([torch.zeros(a.shape[0], 1), (running[:, :-1] // 10)], 1)
+    return u + carries
 
 
 def target_cross_entropy(logits: Float[Tensor, "batch pos vocab"], seq: Int[Tensor, "batch seq"]) -> Tensor:
@@ -638,7 +667,7 @@ def aux_readout(model, aux: AuxHeads, a: Int[Tensor, " n"], b: Int[Tensor, " n"]
     aux = aux.to(device)
     box, handle = _last_attn_capture(model)
     parts: dict[str, list[Tensor]] = {"head_digit": [], "model_digit": []}
-    if aux.target == "sum":
+    if aux.target in SCALAR_AUX_TARGETS:
         parts |= {"mae": [], "head_exact": []}
     try:
         for i in range(0, len(a), batch_size):
@@ -651,8 +680,8 @@ def aux_readout(model, aux: AuxHeads, a: Int[Tensor, " n"], b: Int[Tensor, " n"]
             target = (seq.gather(1, idx + 1) - _D0).cpu()
             parts["head_digit"].append(aux.digits(out) == target)
             parts["model_digit"].append(logits.argmax(-1).gather(1, idx).cpu() - _D0 == target)
-            if aux.target == "sum":
-                pred, true = out * aux.scale, running_sums(ai, bi)
+            if aux.target in SCALAR_AUX_TARGETS:
+                pred, true = out * aux.scale, aux.values(ai, bi)
                 parts["mae"].append((pred - true).abs())
                 parts["head_exact"].append(pred.round() == true)
     finally:
@@ -892,7 +921,8 @@ def load_initial_weights(model, source: str, *, seed: int = 0, aux: AuxHeads | N
                   "stages": stage_table(state["log"])}  # fmt: skip
         their_aux = state.get("aux")
         settings = path / "checkpoint" / "settings.json"
-        their_heads = json.loads(settings.read_text())["train_config"]["n_head"] if settings.is_file() else None
+        card = json.loads(settings.read_text()) if settings.is_file() else {}
+        their_heads = card["train_config"]["n_head"] if card else None
     else:
         try:
             kind, location = resolve(source)
@@ -907,6 +937,8 @@ def load_initial_weights(model, source: str, *, seed: int = 0, aux: AuxHeads | N
         weights, their_heads = narrow.state_dict(), narrow.config.n_head
         record = {"from": source, "kind": f"{kind} model", "location": location}
         their_aux = _folder_aux_heads(location)
+        card_file = Path(location) / "arithinterp.json"
+        card = json.loads(card_file.read_text()) if card_file.is_file() else {}
     mine = model.state_dict()
     d_old, d_new = weights["transformer.wte.weight"].shape[1], mine["transformer.wte.weight"].shape[1]
     m_old, m_new = weights["transformer.h.0.mlp.c_fc.weight"].shape[1], mine["transformer.h.0.mlp.c_fc.weight"].shape[1]
@@ -927,10 +959,15 @@ def load_initial_weights(model, source: str, *, seed: int = 0, aux: AuxHeads | N
             )
     model.load_state_dict({name: weights[name] for name in mine})
     if aux is not None:
+        their_target = card.get("schedule", {}).get("aux_target", "sum")  # runs from before aux_target: "sum"
         fits = their_aux is not None and their_aux["linear.weight"].shape == aux.linear.weight.shape
-        if fits:
+        if fits and their_target == aux.target:
             aux.load_state_dict(their_aux)
-        record["aux_heads"] = "from the source" if fits else "fresh (the source has none of this width)"
+            record["aux_heads"] = "from the source"
+        elif fits:
+            record["aux_heads"] = f"fresh (the source's heads regress aux_target={their_target!r}, not {aux.target!r})"
+        else:
+            record["aux_heads"] = "fresh (the source has none of this width)"
     return record
 
 
@@ -1035,8 +1072,8 @@ def train_mul4(cfg, out: str | Path, *, overwrite: bool = False, progress: bool 
             entry = {"step": step, "stage": stage, "removed": sched.removals[stage], "loss": round(ce.item(), 5),
                      "lr": _lr(cfg, clock, step - 1), "time_s": round(time.time() - t0, 1)}  # fmt: skip
             if aux_loss is not None:
-                # "sum": in units of ĉ², not (ĉ/scale)²; "phase": of cos and sin
-                unit = sched.aux_scale**2 if sched.aux_target == "sum" else 1.0
+                # "sum" / "units": in units of ĉ² (U²), not (ĉ/scale)²; "phase": of cos and sin
+                unit = sched.aux_scale**2 if sched.aux_target in SCALAR_AUX_TARGETS else 1.0
                 entry["aux_mse"] = round(aux_loss.item() * unit, 4 if sched.aux_target == "phase" else 3)
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 model.eval()

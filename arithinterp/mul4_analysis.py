@@ -299,9 +299,11 @@ def _probe_per_digit(X: Float[np.ndarray, "n digit d"], Y: Float[np.ndarray, "n 
 #: Metadata fields with one value per output digit, probed at the position predicting that digit
 #: (`digit_field_probes`; `arithinterp probe --task mul4 --target running-sum`).
 DIGIT_FIELDS = {"running_sums": "ĉ_k = s_k + carry", "column_sums": "s_k = Σ_{i+j=k} a_i·b_j",
-                "carries": "the carry into place k", "result_digits": "the output digit c_k"}  # fmt: skip
+                "carries": "the carry into place k", "result_digits": "the output digit c_k",
+                "unit_sums": "U_k = Σ_{i+j=k} (a_i·b_j mod 10) + carry"}  # fmt: skip
 _FIELD_ALIASES = {"running_sum": "running_sums", "column_sum": "column_sums", "carry": "carries",
-                  "result_digit": "result_digits", "output_digits": "result_digits"}  # fmt: skip
+                  "result_digit": "result_digits", "output_digits": "result_digits",
+                  "unit_sum": "unit_sums"}  # fmt: skip
 
 
 def digit_field(name: str) -> str | None:

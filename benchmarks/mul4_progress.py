@@ -31,9 +31,9 @@ are rebuilt by replaying their data generators (a minute or two for a long linea
 
 `--aux` (runs and model folders trained with the auxiliary loss, e.g. `data/models/aux-mul4`) compares, per
 output digit on 1,000 held-out problems under teacher forcing, what the auxiliary heads read off the last layer's
-attention output (running-sum heads: the mean absolute error on ĉ_k; all: the share where the digit they imply is
-c_k) with what the model writes there (`mul4.aux_readout`): where the heads are right and the model is not, c_k's
-information is present but not turned into the digit.
+attention output (running-sum heads: the mean absolute error on ĉ_k, or on U_k for `aux_target=units`; all: the
+share where the digit they imply is c_k) with what the model writes there (`mul4.aux_readout`): where the heads are
+right and the model is not, c_k's information is present but not turned into the digit.
 
 `--html PATH` draws every run's evaluations against the training step (`plots.internalization_figure`); a run
 warm-started from another run's checkpoint (`--set init_from=RUN`) is drawn from the step it continues.
@@ -161,7 +161,8 @@ def print_aux(run) -> None:
     r = aux_readout(model, aux, *held_out(seed, 1000), removed=removed)
     print(f"  {aux.target} heads vs the model's digits (1,000 held-out problems, {removed} CoT tokens removed):")
     print("    " + " " * 26 + "".join(f"{f'c{k}':>7}" for k in range(8)))
-    rows = (("mae", "head |error| on ĉ_k"), ("head_digit", "head's digit right"),
+    value = "U_k" if aux.target == "units" else "ĉ_k"
+    rows = (("mae", f"head |error| on {value}"), ("head_digit", "head's digit right"),
             ("model_digit", "model's digit right"))  # fmt: skip
     for key, name in rows:
         if key in r:

@@ -420,8 +420,18 @@ def test_aux_targets_give_back_the_digits_worked_out_on_paper():
     a, b = mul4.held_out(0, 200)
     true = torch.tensor([mul4.mul4_meta(x, y)["result_digits"] for x, y in zip(a.tolist(), b.tolist(), strict=True)])
     sums = torch.tensor([mul4.mul4_meta(x, y)["running_sums"] for x, y in zip(a.tolist(), b.tolist(), strict=True)])
+    units = torch.tensor([mul4.mul4_meta(x, y)["unit_sums"] for x, y in zip(a.tolist(), b.tolist(), strict=True)])
     heads = {target: mul4.AuxHeads(16, target) for target in mul4.AUX_TARGETS}
     assert torch.equal(heads["sum"].targets(a, b), sums / 10)
+    assert torch.equal(heads["units"].targets(a, b), units / 10) and torch.equal(mul4.unit_sums(a, b), units.float())
+    # 1234 x 5678 by hand: products a_i*b_j (a = 4,3,2,1 and b = 8,7,6,5 LSB first), column by column, units digits
+    # 2 | 8+4 | 4+1+6 | 0+8+4+8 | 5+2+7 | 0+6 | 5 plus the carries 0,3,5,6,6,4,2,0 of c-hat = 32,55,66,66,40,20,7,0
+    meta = mul4.mul4_meta(1234, 5678)
+    assert meta["running_sums"] == [32, 55, 66, 66, 40, 20, 7, 0] and meta["carries"] == [0, 3, 5, 6, 6, 4, 2, 0]
+    assert meta["unit_sums"] == [2, 15, 16, 26, 20, 10, 7, 0]
+    assert mul4.unit_sums(torch.tensor([1234]), torch.tensor([5678])).tolist() == [meta["unit_sums"]]
+    assert [u % 10 for u in meta["unit_sums"]] == meta["result_digits"] == [2, 5, 6, 6, 0, 0, 7, 0]
+    assert units.max() <= 4 * 9 + 35 < sums.max()  # a seventh of c-hat's range or less
     phase = heads["phase"].targets(a, b)
     assert phase.shape == (200, 8, 2) and torch.allclose(phase[..., 0], torch.cos(2 * torch.pi * sums / 10))
     for h in heads.values():
@@ -438,23 +448,23 @@ def test_aux_readout_against_values_worked_out_on_paper(target):
     (3). The model's side is `token_accuracy`'s c_k."""
     a, b = mul4.held_out(0, 60)
     heads = mul4.AuxHeads(32, target)
+    scalar = target in mul4.SCALAR_AUX_TARGETS
     with torch.no_grad():
         heads.linear.weight.zero_()
         angle = torch.tensor(2 * torch.pi * 3 / 10)
-        heads.linear.bias.copy_(torch.full((8,), 5.0) if target == "sum" else torch.stack([angle.cos(), angle.sin()])
-                                .repeat(8))  # fmt: skip
+        heads.linear.bias.copy_(torch.full((8,), 5.0) if scalar else torch.stack([angle.cos(), angle.sin()]).repeat(8))
     torch.manual_seed(0)
     model = build_model(TrainConfig(task="mul4-aux", **TINY), mul4.N_POSITIONS_MODEL).eval()
     got = mul4.aux_readout(model, heads, a, b, batch_size=25)
     metas = [mul4.mul4_meta(x, y) for x, y in zip(a.tolist(), b.tolist(), strict=True)]
-    digit = 0 if target == "sum" else 3
+    digit = 0 if scalar else 3
     for k in range(8):
-        sums = [m["running_sums"][k] for m in metas]
+        sums = [m["unit_sums" if target == "units" else "running_sums"][k] for m in metas]
         assert got["head_digit"][k] == pytest.approx(sum(m["result_digits"][k] == digit for m in metas) / 60, abs=1e-4)
-        if target == "sum":
+        if scalar:
             assert got["mae"][k] == pytest.approx(sum(abs(s - 50) for s in sums) / 60, abs=1e-4)
             assert got["head_exact"][k] == pytest.approx(sum(s == 50 for s in sums) / 60, abs=1e-4)
-    assert ("mae" in got) == (target == "sum")
+    assert ("mae" in got) == scalar
     tf = mul4.token_accuracy(model, 0, 60)
     assert got["model_digit"] == pytest.approx([tf[f"c{k}"] for k in range(8)], abs=1e-4)
     with pytest.raises(ArithInterpError, match="no auxiliary heads"):
@@ -659,6 +669,11 @@ def test_a_warm_start_takes_the_sources_aux_heads(tmp_path):
     record = mul4.load_initial_weights(build_model(cfg, mul4.N_POSITIONS_MODEL), str(tmp_path / "plain"), aux=fresh)
     assert record["aux_heads"].startswith("fresh")
     assert all(torch.equal(fresh.state_dict()[k], before[k]) for k in before)
+    other = mul4.AuxHeads(cfg.d_model, "units")  # same shape as the source's "sum" heads, another target
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    record = mul4.load_initial_weights(build_model(cfg, mul4.N_POSITIONS_MODEL), str(tmp_path / "done"), aux=other)
+    assert record["aux_heads"] == "fresh (the source's heads regress aux_target='sum', not 'units')"
+    assert all(torch.equal(other.state_dict()[k], before[k]) for k in before)
     wide, wide_cfg = mul4.AuxHeads(64), dataclasses.replace(cfg, d_model=64, d_mlp=128)
     record = mul4.load_initial_weights(build_model(wide_cfg, mul4.N_POSITIONS_MODEL), str(tmp_path / "done"), aux=wide)
     assert record["aux_heads"].startswith("fresh") and "widened" in record
@@ -1024,10 +1039,17 @@ def test_digit_field_probes_find_the_hook_that_holds_the_field():
     carry_probe = ma.digit_field_probes(model, a, b, "carries", hooks=["s", "carry"], acts=acts)
     assert min(carry_probe.rounded_exact[1]) > 0.99
     assert carry_probe.rounded_exact[0, 3] < 0.9  # the carry into 3 is not a linear function of s_3 alone
+    with_units = noise.clone()
+    with_units[:, mul4.EQ_POS : mul4.EQ_POS + 8, 7] = torch.tensor([m["unit_sums"] for m in meta]).float()
+    acts["units"] = with_units
+    units_probe = ma.digit_field_probes(model, a, b, "unit_sums", hooks=["s", "units"], acts=acts)
+    assert min(units_probe.rounded_exact[1]) > 0.99
+    assert max(units_probe.rounded_exact[0, 1:7]) < 0.5  # U_k is not s_k: the products' tens are dropped
     rec = json.loads(json.dumps(probe.record()))
     assert rec["field"] == "column_sums" and rec["positions"] == list(range(mul4.EQ_POS, mul4.EQ_POS + 8))
-    assert [ma.digit_field(t) for t in ("running-sum", "Running_Sums", "carry", "column-sum", "a", "result")] == [
-        "running_sums", "running_sums", "carries", "column_sums", None, None]  # fmt: skip
+    assert [ma.digit_field(t) for t in ("running-sum", "Running_Sums", "carry", "column-sum", "unit-sum", "a",
+                                        "result")] == [
+        "running_sums", "running_sums", "carries", "column_sums", "unit_sums", None, None]  # fmt: skip
     with pytest.raises(ArithInterpError, match="'partial_products' is not a per-digit field"):
         ma.digit_field_probes(model, a, b, "partial_products", acts=acts)
     with pytest.raises(ArithInterpError, match="6 problems are too few for 5-fold"):
