@@ -580,14 +580,22 @@ def equals_index(seq: Int[Tensor, "batch seq"]) -> Int[Tensor, " batch"]:
     return hit.int().argmax(1)
 
 
-def running_sums(a: Int[Tensor, " batch"], b: Int[Tensor, " batch"]) -> Float[Tensor, "batch digit"]:
-    """ĉ_k for a batch (tensor version of `mul4_meta(...)["running_sums"]`)."""
+def _column_sums(a: Int[Tensor, " batch"], b: Int[Tensor, " batch"], modulus: int | None = None
+                 ) -> Int[Tensor, "batch digit"]:  # fmt: skip
+    """Σ_{i+j=k} a_i·b_j per place k, or of (a_i·b_j mod `modulus`)."""
     ad = (a[:, None] // 10 ** torch.arange(DIGITS)) % 10
     bd = (b[:, None] // 10 ** torch.arange(DIGITS)) % 10
     pp = ad[:, :, None] * bd[:, None, :]  # (batch, i, j)
+    pp = pp % modulus if modulus else pp
     s = torch.zeros(a.shape[0], N_OUT, dtype=torch.long)
     for i in range(DIGITS):
         s[:, i : i + DIGITS] += pp[:, i]
+    return s
+
+
+def running_sums(a: Int[Tensor, " batch"], b: Int[Tensor, " batch"]) -> Float[Tensor, "batch digit"]:
+    """ĉ_k for a batch (tensor version of `mul4_meta(...)["running_sums"]`)."""
+    s = _column_sums(a, b)
     out, carry = [], torch.zeros_like(a)
     for k in range(N_OUT):
         out.append(s[:, k] + carry)
@@ -598,15 +606,9 @@ def running_sums(a: Int[Tensor, " batch"], b: Int[Tensor, " batch"]) -> Float[Te
 def unit_sums(a: Int[Tensor, " batch"], b: Int[Tensor, " batch"]) -> Float[Tensor, "batch digit"]:
     """U_k = Σ_{i+j=k} (a_i·b_j mod 10) + r_{k-1}: the units digits of column k's partial products plus the carry
     into place k (`mul4_meta`'s "carries"). U_k ≡ ĉ_k (mod 10), so c_k = U_k mod 10, and U_k ≤ 4·9 + r_{k-1}."""
-    ad = (a[:, None] // 10 ** torch.arange(DIGITS)) % 10
-    bd = (b[:, None] // 10 ** torch.arange(DIGITS)) % 10
-    units = (ad[:, :, None] * bd[:, None, :]) % 10  # (batch, i, j)
-    u = torch.zeros(a.shape[0], N_OUT)
-    for i in range(DIGITS):
-        u[:, i : i + DIGITS] += units[:, i]
     running = running_sums(a, b)
-    carries = torch.cat([torch.zeros(a.shape[0], 1), (running[:, :-1] // 10)], 1)
-    return u + carries
+    carries = torch.cat([torch.zeros(a.shape[0], 1), running[:, :-1] // 10], 1)
+    return _column_sums(a, b, 10).float() + carries
 
 
 def target_cross_entropy(logits: Float[Tensor, "batch pos vocab"], seq: Int[Tensor, "batch seq"]) -> Tensor:
