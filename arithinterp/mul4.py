@@ -38,6 +38,7 @@ import json
 import math
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -228,17 +229,37 @@ def validation(seed: int) -> tuple[Int[Tensor, " n"], Int[Tensor, " n"]]:
 
 
 class ProblemSampler:
-    """Uniform random 4-digit operand pairs (0..9999, zero-padded), never a held-out pair."""
+    """Random 4-digit operand pairs (0..9999, zero-padded), never a held-out pair: uniform, except that a share
+    `large_digit_share` of each batch (rounded) has every operand digit drawn uniformly from 5..9, the problems
+    with the largest partial products and carries, which a uniform draw rarely makes. With share 0 the draws are
+    exactly those of the uniform sampler (runs started before the option resume unchanged)."""
 
-    def __init__(self, seed: int, n_test: int):
+    def __init__(self, seed: int, n_test: int, large_digit_share: float = 0.0):
         ta, tb = held_out(seed, n_test)
         self.banned = torch.sort(ta * 10**DIGITS + tb).values
+        self.large_digit_share = large_digit_share
 
     def __call__(self, n: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
+        n_large = round(self.large_digit_share * n)
+        a, b = self._uniform(n - n_large, g)
+        if n_large == 0:
+            return a, b
+        la, lb = self._large(n_large, g)
+        return torch.cat([a, la]), torch.cat([b, lb])
+
+    def _uniform(self, n: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
         hi = 10**DIGITS
         a = torch.randint(0, hi, (2 * n,), generator=g)
         b = torch.randint(0, hi, (2 * n,), generator=g)
         keep = ~_in_sorted(self.banned, a * hi + b)
+        return a[keep][:n], b[keep][:n]
+
+    def _large(self, n: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
+        """`n` pairs whose eight digits all lie in 5..9 (not held out)."""
+        place = 10 ** torch.arange(DIGITS)
+        a = (torch.randint(5, 10, (2 * n, DIGITS), generator=g) * place).sum(1)
+        b = (torch.randint(5, 10, (2 * n, DIGITS), generator=g) * place).sum(1)
+        keep = ~_in_sorted(self.banned, a * 10**DIGITS + b)
         return a[keep][:n], b[keep][:n]
 
 
@@ -289,6 +310,10 @@ class Mul4Schedule:
     # Initial weights: a training run's folder (its latest checkpoint) or a model folder (a built-in name
     # included). "" = a fresh random initialisation. Recorded with the step it came from in `<out>/init.json`.
     init_from: str = ""
+    # Share of each training batch whose operand digits are all drawn from 5..9 (`ProblemSampler`): problems
+    # with large running sums and carries (ĉ_3 up to ~330), which make up a small tail of the uniform draw and
+    # are where a plain model's last errors sit. 0 = uniform batches. Evaluation stays on uniform problems.
+    large_digit_share: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.remove_per_stage <= COT_LEN:
@@ -312,6 +337,9 @@ class Mul4Schedule:
                                    "regresses ĉ_k / aux_scale, 'phase' cos and sin of 2π ĉ_k / 10, 'units' "
                                    "U_k / aux_scale (the units digits of the partial products plus the carry)."
                                    )  # fmt: skip
+        if not 0 <= self.large_digit_share <= 1:
+            raise ArithInterpError(f"large_digit_share={self.large_digit_share} must lie in 0..1 (the share of each "
+                                   "batch drawn with every operand digit in 5..9; 0 = uniform batches).")  # fmt: skip
         if self.advance_at is not None and not 0 < self.advance_at <= 1:
             raise ArithInterpError(f"advance_at={self.advance_at} must lie in (0, 1] (a share of exact answers), "
                                    "or be None for fixed-length stages.")  # fmt: skip
@@ -691,6 +719,39 @@ def aux_readout(model, aux: AuxHeads, a: Int[Tensor, " n"], b: Int[Tensor, " n"]
     return {key: [round(x, 4) for x in torch.cat(v).float().mean(0).tolist()] for key, v in parts.items()}
 
 
+@torch.no_grad()
+def errors_by_carry(model, a: Int[Tensor, " n"], b: Int[Tensor, " n"], *, removed: int = COT_LEN,
+                    edges: Sequence[int] = (0, 5, 10, 15, 20), batch_size: int = 500) -> list[list[dict]]:  # fmt: skip
+    """Where a model's output-digit errors sit: for each output digit c_k, its teacher-forced miss rate on the
+    problems (a, b) grouped by the carry into column k, r_{k-1} = floor(ĉ_{k-1} / 10) (0 for c_0).
+
+    `edges` are the groups' lower bounds (the last group is open above). Returns, per k, one record per non-empty
+    group: `{"carry": "10-14", "n": problems, "miss": share whose c_k is not the argmax}`. On uniform problems
+    the carry into column 4 is 10 or more on about 38% and is 20 or more on about 2%, so a model can be right on
+    nearly all of the bulk and still miss c_4 on most of the tail; this is the table that shows it."""
+    if len(a) == 0:
+        raise ArithInterpError("errors_by_carry got no problems; pass at least one (a, b) pair.")
+    if list(edges) != sorted(set(edges)) or edges[0] != 0:
+        raise ArithInterpError(f"edges={list(edges)} must rise strictly from 0 (the lower bounds of the carry groups).")
+    hit = _target_hits(model, a, b, removed, batch_size)[:, -(N_OUT + 1) : -1]  # (n, 8): the output digits
+    sums = running_sums(a, b).long()
+    carry = torch.cat([torch.zeros(len(a), 1, dtype=torch.long), sums[:, :-1] // 10], dim=1)  # into column k
+    bounds = torch.tensor(list(edges))
+    group = torch.bucketize(carry, bounds, right=True) - 1  # index of the group whose lower bound <= carry
+    names = [f"{lo}-{hi - 1}" if hi - 1 > lo else f"{lo}" for lo, hi in zip(edges, edges[1:])] + [f"{edges[-1]}+"]
+    table = []
+    for k in range(N_OUT):
+        rows = []
+        for g, name in enumerate(names):
+            mask = group[:, k] == g
+            if mask.any():
+                rows.append(
+                    {"carry": name, "n": int(mask.sum()), "miss": round(1 - hit[mask, k].float().mean().item(), 4)}
+                )
+        table.append(rows)
+    return table
+
+
 def _last_attn_capture(model) -> tuple[dict, Any]:
     """Forward hook on the last block's attention: keeps its output (= transformer-lens hook_attn_out)."""
     box: dict[str, Tensor] = {}
@@ -1040,7 +1101,7 @@ def train_mul4(cfg, out: str | Path, *, overwrite: bool = False, progress: bool 
     parts = {"model": model, "opt": opt} | ({"aux": aux} if aux is not None else {})
     step, log, elapsed = restore_checkpoint(state, parts, gen) if state is not None else (0, [], 0.0)
     clock = StageClock.restored(sched, state)
-    sampler = ProblemSampler(cfg.seed, cfg.n_test)
+    sampler = ProblemSampler(cfg.seed, cfg.n_test, sched.large_digit_share)
     box, handle = _last_attn_capture(model) if aux is not None else ({}, None)
 
     def save() -> None:
@@ -1318,7 +1379,10 @@ def replay_training_problems(run: str | Path, upto: int | None = None) -> Int[Te
     upto = last if upto is None else upto
     if not 0 <= upto <= last:
         raise ArithInterpError(f"upto={upto}: {str(run)!r} has trained {last} steps; pass 0..{last}.")
-    gen, sampler = torch.Generator().manual_seed(cfg.seed), ProblemSampler(cfg.seed, cfg.n_test)
+    gen, sampler = (
+        torch.Generator().manual_seed(cfg.seed),
+        ProblemSampler(cfg.seed, cfg.n_test, sched.large_digit_share),
+    )
     keys = []
     for step in tqdm(range(last), desc=f"replay {run.name}", leave=False, mininterval=5):
         stage = bisect.bisect_right(starts, step) - 1

@@ -1,7 +1,7 @@
 """Where a multiplication training run stands, stage by stage (issue 8's runs span sessions).
 
     python benchmarks/mul4_progress.py RUN [RUN ...] [--tokens] [--reads] [--formats] [--lineage] [--unseen]
-        [--aux] [--html PATH]
+        [--aux] [--carries] [--eval-seed S] [--html PATH]
 
 RUN is a run folder (unfinished: read from its checkpoint) or a model folder (finished: its training_log.jsonl),
 e.g. `data/models/icot-mul4`. Each stage's row is its last evaluation: 500 held-out problems in the stage's own
@@ -35,6 +35,15 @@ attention output (running-sum heads: the mean absolute error on ĉ_k, or on U_k 
 share where the digit they imply is c_k) with what the model writes there (`mul4.aux_readout`): where the heads are
 right and the model is not, c_k's information is present but not turned into the digit.
 
+`--carries` (runs and model folders) prints, per output digit c_k, the share of 1,000 held-out problems on which
+the model misses it under teacher forcing, grouped by the carry into column k (`mul4.errors_by_carry`): whether a
+model's last errors are spread out or sit on the rare problems with large running sums.
+
+`--eval-seed S` (repeatable; model folders, or runs in their last stage) scores the model greedily on another
+seed's 1,000 held-out problems (`mul4.held_out(S, 1000)`): a second test set for a model that was picked among
+several on its own seed's. A run excludes only its own seed's held-out problems from training, so about
+(problems drawn) / 81M of these may have been in a training batch by chance (a fifth for a lineage of 17M).
+
 `--html PATH` draws every run's evaluations against the training step (`plots.internalization_figure`); a run
 warm-started from another run's checkpoint (`--set init_from=RUN`) is drawn from the step it continues.
 """
@@ -52,8 +61,10 @@ from arithinterp.mul4 import (
     aux_readout,
     checkpoint_model,
     cot_reliance,
+    errors_by_carry,
     evaluate,
     format_model,
+    greedy_eval,
     held_out,
     held_out_unseen,
     load_aux_heads,
@@ -74,6 +85,14 @@ def main() -> None:
     parser.add_argument("--lineage", action="store_true", help="the chain of warm starts and its total time")
     parser.add_argument("--unseen", action="store_true", help="held-out result on problems no earlier run drew")
     parser.add_argument("--aux", action="store_true", help="running-sum heads' readout against the model's digits")
+    parser.add_argument("--carries", action="store_true", help="output-digit misses by the carry into each column")
+    parser.add_argument(
+        "--eval-seed",
+        type=int,
+        action="append",
+        default=[],
+        help="greedy exact match on held_out(SEED, 1000), another seed's problems (repeatable)",
+    )
     parser.add_argument("--html", help="write a figure of the runs' evaluations against the training step here")
     args = parser.parse_args()
     logs = {}
@@ -99,6 +118,10 @@ def main() -> None:
             print_unseen(run)
         if args.aux:
             print_aux(run)
+        if args.carries:
+            print_carries(run)
+        if args.eval_seed:
+            print_other_seeds(run, args.eval_seed)
         if args.tokens or args.reads or args.formats:
             try:
                 ckpt = checkpoint_model(run)
@@ -144,20 +167,52 @@ def print_unseen(run) -> None:
         )
 
 
+def run_model(run) -> tuple[object, int, int]:
+    """(model, seed, CoT tokens removed) of a run's checkpoint, in its stage's format, or of a model folder."""
+    if (Path(run) / "checkpoint" / "checkpoint.pt").is_file():
+        model, cfg, clock, state = checkpoint_model(run)
+        removed = clock.sched.removals[clock.stage(state["step"])]
+        return format_model(model, clock.sched, removed), cfg.seed, removed
+    model, _, location = load_hf(run)
+    return model, json.loads((Path(location) / "arithinterp.json").read_text())["train_config"]["seed"], COT_LEN
+
+
+def print_carries(run) -> None:
+    try:
+        model, seed, removed = run_model(run)
+    except ArithInterpError as err:
+        print(f"  --carries: {err}")
+        return
+    table = errors_by_carry(model, *held_out(seed, 1000), removed=removed)
+    print(f"  share of c_k missed (teacher-forced), by the carry into column k (1,000 held-out problems, {removed} "
+          "CoT tokens removed; problems in brackets):")  # fmt: skip
+    for k, rows in enumerate(table):
+        print(f"    c{k}: " + "  ".join(f"{r['carry']:>5} {r['miss']:.3f} ({r['n']})" for r in rows))
+
+
+def print_other_seeds(run, seeds) -> None:
+    try:
+        model, _, removed = run_model(run)
+    except ArithInterpError as err:
+        print(f"  --eval-seed: {err}")
+        return
+    if removed != COT_LEN:
+        print(f"  --eval-seed: the checkpoint is in a stage with {removed} CoT tokens removed; greedy no-cot "
+              "evaluation needs a run in its last stage or a model folder.")  # fmt: skip
+        return
+    for seed in seeds:
+        r = greedy_eval(model, seed, 1000)
+        print(f"  held_out({seed}, 1000), greedy: exact {r['exact_match']:.3f}, digits {r['digit_accuracy']:.4f}, per "
+              f"digit {' '.join(f'{x:.3f}' for x in r['digit_accuracy_per_k'])}")  # fmt: skip
+
+
 def print_aux(run) -> None:
     try:
         aux = load_aux_heads(run)
     except ArithInterpError as err:
         print(f"  --aux: {err}")
         return
-    if (Path(run) / "checkpoint" / "checkpoint.pt").is_file():
-        model, cfg, clock, state = checkpoint_model(run)
-        removed, seed = clock.sched.removals[clock.stage(state["step"])], cfg.seed
-        model = format_model(model, clock.sched, removed)
-    else:
-        model, _, location = load_hf(run)
-        seed = json.loads((Path(location) / "arithinterp.json").read_text())["train_config"]["seed"]
-        removed = COT_LEN
+    model, seed, removed = run_model(run)
     r = aux_readout(model, aux, *held_out(seed, 1000), removed=removed)
     print(f"  {aux.target} heads vs the model's digits (1,000 held-out problems, {removed} CoT tokens removed):")
     print("    " + " " * 26 + "".join(f"{f'c{k}':>7}" for k in range(8)))

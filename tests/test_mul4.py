@@ -187,6 +187,33 @@ def test_cot_reliance_finds_the_token_an_oracle_copies():
                 assert changed[t, col] == (1.0 if t == s + 1 else 0.0), (target, source)
 
 
+def test_errors_by_carry_finds_a_miss_planted_on_large_carries():
+    """An oracle that writes every next token right, except c_4 wherever the carry into column 4 (⌊ĉ_3 / 10⌋,
+    worked out from the operands here) is 14 or more: the table has miss 1 in exactly those groups, 0 elsewhere."""
+    from types import SimpleNamespace
+
+    a, b = mul4.held_out(3, 300)
+    carry4 = mul4.running_sums(a, b)[:, 3].long() // 10
+    bad = carry4 >= 14
+    full = mul4.encode(a, b)
+
+    def oracle(tokens):  # tokens: the rows without their last token, in one batch
+        nxt = full[:, 1 : tokens.shape[1] + 1].clone()
+        nxt[bad, mul4.EQ_POS + 4] = (nxt[bad, mul4.EQ_POS + 4] - mul4._D0 + 1) % 10 + mul4._D0  # a wrong c_4
+        return SimpleNamespace(logits=torch.nn.functional.one_hot(nxt, len(mul4.VOCAB)).float())
+
+    table = mul4.errors_by_carry(oracle, a, b, edges=(0, 7, 14), batch_size=len(a))
+    assert len(table) == mul4.N_OUT
+    assert [r["carry"] for r in table[4]] == ["0-6", "7-13", "14+"]
+    assert [r["n"] for r in table[4]] == [int(((carry4 >= lo) & (carry4 < hi)).sum()) for lo, hi in
+                                          ((0, 7), (7, 14), (14, 99))]  # fmt: skip
+    assert [r["miss"] for r in table[4]] == [0.0, 0.0, 1.0] and table[4][2]["n"] > 0
+    assert table[0] == [{"carry": "0-6", "n": 300, "miss": 0.0}]  # nothing carries into column 0
+    assert all(r["miss"] == 0.0 for k in (1, 2, 3, 5, 6, 7) for r in table[k])
+    with pytest.raises(ArithInterpError, match="must rise strictly from 0"):
+        mul4.errors_by_carry(oracle, a, b, edges=(5, 10))
+
+
 def test_kept_positions_are_those_of_the_full_format():
     ids = mul4.kept_position_ids(torch.tensor([0, 3]), 15)
     assert ids[0].tolist() == list(range(15))
@@ -263,6 +290,38 @@ def test_sampler_never_draws_a_held_out_problem():
     assert (x * 10**4 + y).tolist() == keys[1::2].tolist()
     ta, tb = mul4.held_out(0, 10)
     assert set((ta * 10**4 + tb).tolist()) == set(mul4.ProblemSampler(seed=0, n_test=10).banned.tolist())
+
+
+def test_large_digit_share_mixes_problems_with_every_digit_in_5_to_9():
+    """share 0 draws exactly what the uniform sampler always drew (worked out here from the generator); share 0.25
+    puts round(0.25 n) problems with all eight digits in 5..9 at the end of the batch, none of them held out."""
+    n = 40
+    g = torch.Generator().manual_seed(5)
+    a, b = torch.randint(0, 10**4, (2 * n,), generator=g), torch.randint(0, 10**4, (2 * n,), generator=g)
+    x, y = mul4.ProblemSampler(seed=0, n_test=10, large_digit_share=0.0)(n, torch.Generator().manual_seed(5))
+    assert x.tolist() == a[:n].tolist() and y.tolist() == b[:n].tolist()  # nothing of these 80 is held out
+
+    sampler = mul4.ProblemSampler(seed=0, n_test=10, large_digit_share=0.25)
+    x, y = sampler(n, torch.Generator().manual_seed(5))
+    assert len(x) == len(y) == n
+    g = torch.Generator().manual_seed(5)  # the uniform part comes first, drawn as a uniform batch of 30
+    a, b = torch.randint(0, 10**4, (60,), generator=g), torch.randint(0, 10**4, (60,), generator=g)
+    assert x[:30].tolist() == a[:30].tolist() and y[:30].tolist() == b[:30].tolist()
+
+    def all_large(v):
+        return all(int(d) >= 5 for d in f"{v:04d}")
+
+    assert all(all_large(v) for v in x[30:].tolist() + y[30:].tolist())
+    assert not all(all_large(v) for v in x[:30].tolist())
+    # the large part skips held-out problems too: ban the first large pair the sampler would draw
+    la, lb = sampler._large(1, torch.Generator().manual_seed(9))
+    sampler.banned = torch.sort(torch.cat([sampler.banned, la * 10**4 + lb])).values
+    ma, mb = sampler._large(1, torch.Generator().manual_seed(9))
+    assert (ma * 10**4 + mb).item() != (la * 10**4 + lb).item() and all_large(ma.item()) and all_large(mb.item())
+    # the running sums of the large part are the tail of the uniform draw: ĉ_3 >= 4·25 = 100
+    assert (mul4.running_sums(x[30:], y[30:])[:, 3] >= 100).all()
+    with pytest.raises(ArithInterpError, match="large_digit_share=1.5 must lie in 0..1"):
+        mul4.Mul4Schedule(large_digit_share=1.5)
 
 
 def test_dataset_of_task_mul4(char_tokenizer):
