@@ -249,16 +249,18 @@ class ProblemSampler:
 
     def _uniform(self, n: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
         hi = 10**DIGITS
-        a = torch.randint(0, hi, (2 * n,), generator=g)
-        b = torch.randint(0, hi, (2 * n,), generator=g)
-        keep = ~_in_sorted(self.banned, a * hi + b)
-        return a[keep][:n], b[keep][:n]
+        return self._first_allowed(torch.randint(0, hi, (2 * n,), generator=g),
+                                   torch.randint(0, hi, (2 * n,), generator=g), n)  # fmt: skip
 
     def _large(self, n: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
         """`n` pairs whose eight digits all lie in 5..9 (not held out)."""
         place = 10 ** torch.arange(DIGITS)
         a = (torch.randint(5, 10, (2 * n, DIGITS), generator=g) * place).sum(1)
         b = (torch.randint(5, 10, (2 * n, DIGITS), generator=g) * place).sum(1)
+        return self._first_allowed(a, b, n)
+
+    def _first_allowed(self, a: Tensor, b: Tensor, n: int) -> tuple[Tensor, Tensor]:
+        """The first `n` of the candidate pairs (a, b) that are not held out."""
         keep = ~_in_sorted(self.banned, a * 10**DIGITS + b)
         return a[keep][:n], b[keep][:n]
 
@@ -634,9 +636,14 @@ def running_sums(a: Int[Tensor, " batch"], b: Int[Tensor, " batch"]) -> Float[Te
 def unit_sums(a: Int[Tensor, " batch"], b: Int[Tensor, " batch"]) -> Float[Tensor, "batch digit"]:
     """U_k = Σ_{i+j=k} (a_i·b_j mod 10) + r_{k-1}: the units digits of column k's partial products plus the carry
     into place k (`mul4_meta`'s "carries"). U_k ≡ ĉ_k (mod 10), so c_k = U_k mod 10, and U_k ≤ 4·9 + r_{k-1}."""
+    return _column_sums(a, b, 10).float() + carries_in(a, b)
+
+
+def carries_in(a: Int[Tensor, " batch"], b: Int[Tensor, " batch"]) -> Float[Tensor, "batch digit"]:
+    """r_{k-1} = ĉ_{k-1} // 10, the carry into place k (0 for k = 0): the tensor version of `mul4_meta`'s
+    "carries"."""
     running = running_sums(a, b)
-    carries = torch.cat([torch.zeros(a.shape[0], 1), running[:, :-1] // 10], 1)
-    return _column_sums(a, b, 10).float() + carries
+    return torch.cat([torch.zeros(a.shape[0], 1), running[:, :-1] // 10], 1)
 
 
 def target_cross_entropy(logits: Float[Tensor, "batch pos vocab"], seq: Int[Tensor, "batch seq"]) -> Tensor:
@@ -734,8 +741,7 @@ def errors_by_carry(model, a: Int[Tensor, " n"], b: Int[Tensor, " n"], *, remove
     if list(edges) != sorted(set(edges)) or edges[0] != 0:
         raise ArithInterpError(f"edges={list(edges)} must rise strictly from 0 (the lower bounds of the carry groups).")
     hit = _target_hits(model, a, b, removed, batch_size)[:, -(N_OUT + 1) : -1]  # (n, 8): the output digits
-    sums = running_sums(a, b).long()
-    carry = torch.cat([torch.zeros(len(a), 1, dtype=torch.long), sums[:, :-1] // 10], dim=1)  # into column k
+    carry = carries_in(a, b).long()
     bounds = torch.tensor(list(edges))
     group = torch.bucketize(carry, bounds, right=True) - 1  # index of the group whose lower bound <= carry
     names = [f"{lo}-{hi - 1}" if hi - 1 > lo else f"{lo}" for lo, hi in zip(edges, edges[1:])] + [f"{edges[-1]}+"]
@@ -1379,10 +1385,8 @@ def replay_training_problems(run: str | Path, upto: int | None = None) -> Int[Te
     upto = last if upto is None else upto
     if not 0 <= upto <= last:
         raise ArithInterpError(f"upto={upto}: {str(run)!r} has trained {last} steps; pass 0..{last}.")
-    gen, sampler = (
-        torch.Generator().manual_seed(cfg.seed),
-        ProblemSampler(cfg.seed, cfg.n_test, sched.large_digit_share),
-    )
+    gen = torch.Generator().manual_seed(cfg.seed)
+    sampler = ProblemSampler(cfg.seed, cfg.n_test, sched.large_digit_share)
     keys = []
     for step in tqdm(range(last), desc=f"replay {run.name}", leave=False, mininterval=5):
         stage = bisect.bisect_right(starts, step) - 1

@@ -118,10 +118,16 @@ def main() -> None:
             print_unseen(run)
         if args.aux:
             print_aux(run)
-        if args.carries:
-            print_carries(run)
-        if args.eval_seed:
-            print_other_seeds(run, args.eval_seed)
+        if args.carries or args.eval_seed:
+            try:
+                loaded = run_model(run)
+            except ArithInterpError as err:
+                print(f"  --carries/--eval-seed: {err}")
+                continue
+            if args.carries:
+                print_carries(*loaded)
+            if args.eval_seed:
+                print_other_seeds(*loaded, args.eval_seed)
         if args.tokens or args.reads or args.formats:
             try:
                 ckpt = checkpoint_model(run)
@@ -177,12 +183,7 @@ def run_model(run) -> tuple[object, int, int]:
     return model, json.loads((Path(location) / "arithinterp.json").read_text())["train_config"]["seed"], COT_LEN
 
 
-def print_carries(run) -> None:
-    try:
-        model, seed, removed = run_model(run)
-    except ArithInterpError as err:
-        print(f"  --carries: {err}")
-        return
+def print_carries(model, seed, removed) -> None:
     table = errors_by_carry(model, *held_out(seed, 1000), removed=removed)
     print(f"  share of c_k missed (teacher-forced), by the carry into column k (1,000 held-out problems, {removed} "
           "CoT tokens removed; problems in brackets):")  # fmt: skip
@@ -190,12 +191,7 @@ def print_carries(run) -> None:
         print(f"    c{k}: " + "  ".join(f"{r['carry']:>5} {r['miss']:.3f} ({r['n']})" for r in rows))
 
 
-def print_other_seeds(run, seeds) -> None:
-    try:
-        model, _, removed = run_model(run)
-    except ArithInterpError as err:
-        print(f"  --eval-seed: {err}")
-        return
+def print_other_seeds(model, _seed, removed, seeds) -> None:
     if removed != COT_LEN:
         print(f"  --eval-seed: the checkpoint is in a stage with {removed} CoT tokens removed; greedy no-cot "
               "evaluation needs a run in its last stage or a model folder.")  # fmt: skip
