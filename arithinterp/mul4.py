@@ -316,6 +316,12 @@ class Mul4Schedule:
     # with large running sums and carries (ĉ_3 up to ~330), which make up a small tail of the uniform draw and
     # are where a plain model's last errors sit. 0 = uniform batches. Evaluation stays on uniform problems.
     large_digit_share: float = 0.0
+    # With `init_from`: auxiliary heads that start fresh (the source has none, or regresses another aux_target) are
+    # first fitted by least squares to the source model's last-layer attention outputs (`fit_aux_heads`, on
+    # AUX_FIT_PROBLEMS training-distribution problems), so that the first steps' aux loss is the source's own
+    # linear-readout error and not that of random heads, whose gradients would otherwise reshape the trained weights
+    # until the heads catch up. False: fresh heads keep their random initialisation (as runs before the option).
+    aux_heads_fit: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.remove_per_stage <= COT_LEN:
@@ -342,6 +348,10 @@ class Mul4Schedule:
         if not 0 <= self.large_digit_share <= 1:
             raise ArithInterpError(f"large_digit_share={self.large_digit_share} must lie in 0..1 (the share of each "
                                    "batch drawn with every operand digit in 5..9; 0 = uniform batches).")  # fmt: skip
+        if self.aux_heads_fit and not (self.init_from and self.aux_weight > 0):
+            raise ArithInterpError("aux_heads_fit=true fits the auxiliary heads to a warm start's attention "
+                                   "outputs: it needs init_from (a run or model folder) and "
+                                   "aux_weight > 0.")  # fmt: skip
         if self.advance_at is not None and not 0 < self.advance_at <= 1:
             raise ArithInterpError(f"advance_at={self.advance_at} must lie in (0, 1] (a share of exact answers), "
                                    "or be None for fixed-length stages.")  # fmt: skip
@@ -726,6 +736,53 @@ def aux_readout(model, aux: AuxHeads, a: Int[Tensor, " n"], b: Int[Tensor, " n"]
     return {key: [round(x, 4) for x in torch.cat(v).float().mean(0).tolist()] for key, v in parts.items()}
 
 
+AUX_FIT_PROBLEMS = 4096  # problems `train_mul4` fits fresh auxiliary heads on (Mul4Schedule.aux_heads_fit)
+AUX_FIT_SEED_OFFSET = 7919  # their generator's seed is the run's seed plus this
+
+
+@torch.no_grad()
+def fit_aux_heads(model, aux: AuxHeads, a: Int[Tensor, " n"], b: Int[Tensor, " n"], *, removed: int = COT_LEN,
+                  ridge: float = 1e-4, batch_size: int = 500) -> list[float]:  # fmt: skip
+    """Set `aux`'s weights to the least-squares fit of its targets (`AuxHeads.targets`) on `model`'s last-layer
+    attention output at the position predicting each c_k, over problems (a, b) in the format with `removed`
+    chain-of-thought tokens gone: one ridge regression per head (penalty `ridge` times the mean squared feature,
+    bias unpenalised). Returns each digit's mean squared error of the fit on those problems, in the units of the
+    values behind the target (ĉ_k² or U_k²; of cos and sin for "phase"). The model is used as it is (put it in eval
+    mode for a deterministic read)."""
+    from arithinterp.train import model_device
+
+    if len(a) <= aux.linear.in_features:
+        raise ArithInterpError(f"fit_aux_heads: {len(a)} problems cannot fix {aux.linear.in_features} weights a head; "
+                               f"pass more than {aux.linear.in_features}.")  # fmt: skip
+    device = model_device(model)
+    box, handle = _last_attn_capture(model)
+    feats = []
+    try:
+        for i in range(0, len(a), batch_size):
+            seq = encode(a[i : i + batch_size], b[i : i + batch_size], removed).to(device)
+            model(seq[:, :-1])
+            eq = equals_index(seq)
+            idx = eq[:, None] + torch.arange(N_OUT, device=device)
+            feats.append(box["attn_out"].gather(1, idx[:, :, None].expand(-1, -1, box["attn_out"].shape[-1])).cpu())
+    finally:
+        handle.remove()
+    x = torch.cat(feats).double()  # (n, digit, d)
+    y = aux.targets(a, b).double().reshape(len(a), N_OUT, aux.per_digit)  # (n, digit, per_digit)
+    n, d = len(a), x.shape[-1]
+    x1 = torch.cat([x, torch.ones(n, N_OUT, 1, dtype=x.dtype)], -1).transpose(0, 1)  # (digit, n, d + 1)
+    gram = x1.transpose(1, 2) @ x1
+    penalty = torch.zeros(d + 1, dtype=x.dtype)
+    penalty[:d] = 1.0
+    scale = ridge * n * x.pow(2).mean((0, 2))  # per digit
+    coef = torch.linalg.solve(gram + scale[:, None, None] * torch.diag(penalty), x1.transpose(1, 2) @ y.transpose(0, 1))
+    w = coef[:, :d, :].permute(0, 2, 1)  # (digit, per_digit, d)
+    aux.linear.weight.copy_(w.reshape(N_OUT * aux.per_digit, d).to(aux.linear.weight))
+    aux.linear.bias.copy_(coef[:, d, :].reshape(-1).to(aux.linear.bias))
+    resid = (x1 @ coef - y.transpose(0, 1)).pow(2).mean((1, 2))  # (digit,)
+    unit = aux.scale**2 if aux.target in SCALAR_AUX_TARGETS else 1.0
+    return [round(float(v) * unit, 4) for v in resid]
+
+
 @torch.no_grad()
 def errors_by_carry(model, a: Int[Tensor, " n"], b: Int[Tensor, " n"], *, removed: int = COT_LEN,
                     edges: Sequence[int] = (0, 5, 10, 15, 20), batch_size: int = 500) -> list[list[dict]]:  # fmt: skip
@@ -1093,6 +1150,15 @@ def train_mul4(cfg, out: str | Path, *, overwrite: bool = False, progress: bool 
     # before any write:
     init = (load_initial_weights(model, sched.init_from, seed=cfg.seed, aux=aux)
             if sched.init_from and fresh else None)  # fmt: skip
+    if init is not None and sched.aux_heads_fit and aux is not None and init["aux_heads"].startswith("fresh"):
+        fit_gen = torch.Generator().manual_seed(cfg.seed + AUX_FIT_SEED_OFFSET)  # not the training batches' stream
+        fa, fb = ProblemSampler(cfg.seed, cfg.n_test, sched.large_digit_share)(AUX_FIT_PROBLEMS, fit_gen)
+        model.eval()
+        mse = fit_aux_heads(model, aux, fa, fb, removed=sched.removals[0])
+        model.train()
+        init["aux_heads"] = (f"fitted by least squares to the source's attention outputs on {len(fa)} problems "
+                             f"({init['aux_heads']})")  # fmt: skip
+        init["aux_heads_fit_mse"] = mse
     state = open_run(out, settings, overwrite=overwrite)
     if init is not None:
         atomic_write_json(out / "init.json", init)
@@ -1273,25 +1339,48 @@ def _init_record(run: Path) -> dict:
 
 
 def run_origin(run: str | Path) -> int:
-    """How many steps a run's starting weights had trained for: 0 for a fresh run; for a warm start from a run's
-    checkpoint (`Mul4Schedule.init_from`), that checkpoint's step, plus the source run's own origin where its
-    folder is still there. Puts a warm-started run on the step axis of the run it continues."""
+    """How many steps a run's starting weights had trained for: 0 for a fresh run; for a warm start
+    (`Mul4Schedule.init_from`) from a run's checkpoint, that checkpoint's step, and from a finished model folder,
+    the last step of its training log; plus the source's own origin where its folder is still there (a model folder
+    that is gone counts 0). Puts a warm-started run on the step axis of the run it continues."""
     run = Path(run)
     record = _warm_start(run)
     if record is None:
         return 0
-    source = run_folder(record["from"])
-    return int(record["step"]) + (run_origin(source) if source.is_dir() and source.resolve() != run.resolve() else 0)
+    source = _source_folder(record)
+    here = source.is_dir() and source.resolve() != run.resolve()
+    if record["kind"] == "run checkpoint":
+        return int(record["step"]) + (run_origin(source) if here else 0)
+    return (_last_step(source) + run_origin(source)) if here else 0
 
 
 def _warm_start(run: Path) -> dict | None:
-    """The `init.json` record of a run warm-started from another run's checkpoint (read from the model card,
-    `arithinterp.json`, for a finished run or a shipped model folder); None for a fresh run or one started from
-    a model folder."""
+    """The `init.json` record of a warm-started run (read from the model card, `arithinterp.json`, for a finished
+    run or a shipped model folder): started from another run's checkpoint (kind "run checkpoint", with its step)
+    or from a model folder (kind "local model" / "builtin model", all of that model's training); None for a fresh
+    run, or one started from a hub model (trained elsewhere)."""
     record = _init_record(run).get("init")
     if record is None and (run / "arithinterp.json").is_file():
         record = json.loads((run / "arithinterp.json").read_text()).get("init")
-    return record if record and record.get("kind") == "run checkpoint" else None
+    if not record or record.get("kind") not in ("run checkpoint", "local model", "builtin model"):
+        return None
+    return record
+
+
+def _source_folder(record: dict) -> Path:
+    """Where the source of a warm-start record is: a built-in by its name (this checkout's data/models), a run or
+    local model folder by its path as recorded (`run_folder`)."""
+    if record["kind"] == "builtin model":
+        from arithinterp.models import BUILTIN_DIR
+
+        return BUILTIN_DIR / record["from"]
+    return run_folder(record["from"])
+
+
+def _last_step(folder: Path) -> int:
+    """The last step in a run or model folder's training log (0 for an empty log)."""
+    log = run_log(folder)
+    return int(log[-1]["step"]) if log else 0
 
 
 def _run_settings(run: Path) -> dict:
@@ -1305,14 +1394,14 @@ def _run_settings(run: Path) -> dict:
 
 def run_lineage(run: str | Path) -> list[dict]:
     """The chain of runs whose training a run's weights carry, oldest first: one link per run, following
-    `init.json` (`Mul4Schedule.init_from` a run's checkpoint) back to a fresh start.
+    `init.json` (`Mul4Schedule.init_from` a run's checkpoint or a finished model folder) back to a fresh start.
 
-    Each link: `run` (the folder as recorded), `steps` (how many of that run's steps the chain uses: all of the
-    last run's, and a source's up to the checkpoint step taken from it), `time_s` (that run's training time up to
-    there, from its log), `problems` (steps × batch), `seed`, `batch_size`, `d_model`, and `removed` (the CoT
-    tokens removed in its first and last stage used). A source whose folder is not there gives a link with
-    `steps` only and `missing=True`: the totals are then lower bounds. Training time of a chain is the sum of
-    its links' `time_s`.
+    Each link: `run` (the folder as recorded; a built-in's folder in this checkout), `steps` (how many of that
+    run's steps the chain uses: all of the last run's and of a model folder's, and a run's up to the checkpoint step
+    taken from it), `time_s` (that run's training time up to there, from its log), `problems` (steps × batch),
+    `seed`, `batch_size`, `d_model`, and `removed` (the CoT tokens removed in its first and last stage used). A
+    source whose folder is not there gives a link with `steps` only (None for a model folder) and `missing=True`:
+    the totals are then lower bounds. Training time of a chain is the sum of its links' `time_s`.
     """
     links: list[dict] = []
     name, upto, seen = str(run), None, set()  # name: the folder as recorded; here: where it is found
@@ -1336,7 +1425,9 @@ def run_lineage(run: str | Path) -> list[dict]:
         record = _warm_start(here)
         if record is None:
             break
-        name, upto = record["from"], int(record["step"])
+        source = _source_folder(record)
+        name = str(source) if record["kind"] == "builtin model" else record["from"]
+        upto = int(record["step"]) if record["kind"] == "run checkpoint" else None  # a model folder: all its steps
     return links[::-1]
 
 

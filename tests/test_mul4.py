@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from arithinterp import ArithInterpError, mul4, plots
+from arithinterp import ArithInterpError, models, mul4, plots
 from arithinterp import mul4_analysis as ma
 from arithinterp.tokenizer import build_char_tokenizer
 from arithinterp.train import TRAIN_TASKS, TrainConfig, build_model, default_config, train
@@ -738,6 +738,80 @@ def test_a_warm_start_takes_the_sources_aux_heads(tmp_path):
     assert record["aux_heads"].startswith("fresh") and "widened" in record
 
 
+def _last_attn_features(model, a, b):
+    """The last block's attention output at the eight positions predicting c_0..c_7 (no-cot format), read with a
+    hook of the test's own."""
+    got = {}
+    handle = model.transformer.h[-1].attn.register_forward_hook(lambda m, i, o: got.update(x=o[0]))
+    with torch.no_grad():
+        model(mul4.encode(a, b)[:, :-1])
+    handle.remove()
+    return got["x"][:, mul4.EQ_POS : mul4.EQ_POS + 8].double().numpy()
+
+
+@pytest.mark.parametrize("target", mul4.AUX_TARGETS)
+def test_fit_aux_heads_is_least_squares_through_the_heads_own_forward(target):
+    """The fitted heads, run as heads (AuxHeads.forward), give numpy's least-squares predictions per digit, and the
+    errors `fit_aux_heads` returns are those predictions' mean squared errors in the values' units."""
+    torch.manual_seed(1)
+    model = build_model(TrainConfig(task="mul4-aux", **TINY), mul4.N_POSITIONS_MODEL).eval()
+    a, b = mul4.held_out(3, 300)
+    heads = mul4.AuxHeads(TINY["d_model"], target)
+    mse = mul4.fit_aux_heads(model, heads, a, b, ridge=0.0, batch_size=128)
+    x = _last_attn_features(model, a, b)
+    y = heads.targets(a, b).double().reshape(300, 8, -1).numpy()
+    box, handle = mul4._last_attn_capture(model)
+    with torch.no_grad():
+        model(mul4.encode(a, b)[:, :-1])
+        out = heads(box["attn_out"]).double().reshape(300, 8, -1).numpy()
+    handle.remove()
+    unit = 100.0 if target in mul4.SCALAR_AUX_TARGETS else 1.0
+    for k in range(8):
+        design = np.hstack([x[:, k], np.ones((300, 1))])
+        coef = np.linalg.lstsq(design, y[:, k], rcond=None)[0]
+        want = design @ coef
+        np.testing.assert_allclose(out[:, k], want, rtol=2e-3, atol=2e-3)  # the heads hold float32
+        assert mse[k] == pytest.approx(float(((want - y[:, k]) ** 2).mean()) * unit, rel=1e-3, abs=1e-6)
+    assert mse[7] < mse[3]  # c_7's carry is nearly constant, ĉ_3 the widest: a random model's features fit c_7 best
+    with pytest.raises(ArithInterpError, match="20 problems cannot fix 32 weights a head"):
+        mul4.fit_aux_heads(model, heads, a[:20], b[:20])
+
+
+def test_a_warm_start_fits_fresh_aux_heads_to_the_sources_attention(tmp_path):
+    """aux_heads_fit: a warm start whose source regresses another target starts from heads fitted to the source's
+    attention outputs; the record's errors are those of the saved start heads on the fitting problems, no worse
+    than the best constant's and far below random heads'. Heads taken from the source are not refitted."""
+    cfg = TrainConfig(task="mul4-aux", steps=6, **TINY)
+    train(cfg, tmp_path / "sum", progress=False, schedule=mul4.Mul4Schedule(remove_per_stage=0, smoothing=0.0,
+                                                                             aux_weight=1.0))  # fmt: skip
+    units = mul4.Mul4Schedule(remove_per_stage=0, smoothing=0.0, aux_weight=1.0, aux_target="units",
+                              init_from=str(tmp_path / "sum"), aux_heads_fit=True)  # fmt: skip
+    train(cfg, tmp_path / "units", progress=False, schedule=units, max_steps_this_run=0)  # saves the start
+    record = json.loads((tmp_path / "units" / "init.json").read_text())
+    assert record["aux_heads"].startswith("fitted by least squares to the source's attention outputs on 4096")
+    start = torch.load(tmp_path / "units" / "checkpoint" / "checkpoint.pt", weights_only=True)["aux"]
+    heads = mul4.AuxHeads(TINY["d_model"], "units")
+    heads.load_state_dict(start)
+    from transformers import GPT2LMHeadModel
+
+    source = GPT2LMHeadModel.from_pretrained(tmp_path / "sum").eval()
+    gen = torch.Generator().manual_seed(cfg.seed + mul4.AUX_FIT_SEED_OFFSET)
+    a, b = mul4.ProblemSampler(cfg.seed, cfg.n_test)(mul4.AUX_FIT_PROBLEMS, gen)
+    x = torch.from_numpy(_last_attn_features(source, a, b)).float()
+    with torch.no_grad():
+        err = ((heads(x, torch.zeros(len(a), dtype=torch.long)) - heads.targets(a, b)) ** 2).mean(0) * 100
+        fresh = mul4.AuxHeads(TINY["d_model"], "units")
+        err_fresh = ((fresh(x, torch.zeros(len(a), dtype=torch.long)) - heads.targets(a, b)) ** 2).mean(0) * 100
+    assert err.tolist() == pytest.approx(record["aux_heads_fit_mse"], rel=1e-3)
+    variance = heads.targets(a, b).var(0, unbiased=False) * 100  # the best constant's error; a fit with a bias beats it
+    assert (err <= variance * (1 + 1e-4)).all() and err.sum() < err_fresh.sum() / 3
+    same = dataclasses.replace(units, aux_target="sum")
+    train(cfg, tmp_path / "same", progress=False, schedule=same, max_steps_this_run=0)
+    assert json.loads((tmp_path / "same" / "init.json").read_text())["aux_heads"] == "from the source"
+    with pytest.raises(ArithInterpError, match="aux_heads_fit=true .* needs init_from"):
+        mul4.Mul4Schedule(remove_per_stage=0, aux_weight=1.0, aux_heads_fit=True)
+
+
 @pytest.mark.parametrize("d_model, d_mlp", [(64, 128), (64, 64), (96, 192), (32, 256)])
 def test_widening_a_model_keeps_its_function(d_model, d_mlp):
     """Net2Net widening (`widen_gpt2_weights`): with no noise, the wider model's logits are the narrow model's (the
@@ -793,8 +867,20 @@ def test_run_origin_follows_warm_starts_back_to_a_fresh_run(tmp_path):
     (second / "init.json").write_text(json.dumps({"from": str(first), "kind": "run checkpoint", "step": 100}))
     card = {"init": {"from": str(second), "kind": "run checkpoint", "step": 50}}  # a finished run's card
     (third / "arithinterp.json").write_text(json.dumps(card))
-    (other / "init.json").write_text(json.dumps({"from": "icot-mul4", "kind": "built-in model", "location": "x"}))
+    (other / "init.json").write_text(json.dumps({"from": "gpt2", "kind": "hub model", "location": "gpt2"}))
     assert [mul4.run_origin(r) for r in (first, second, third, other)] == [0, 100, 150, 0]
+    # a finished model folder as the source: all of its logged steps, then its own origin
+    model, after, lost = (tmp_path / n for n in ("model", "after", "lost"))
+    model.mkdir()
+    (model / "training_log.jsonl").write_text("\n".join(json.dumps({"step": s}) for s in (20, 40)) + "\n")
+    (model / "arithinterp.json").write_text(json.dumps({"init": {"from": str(third), "kind": "local model"}}))
+    for run, source in ((after, model), (lost, tmp_path / "nowhere")):
+        run.mkdir()
+        (run / "init.json").write_text(json.dumps({"from": str(source), "kind": "local model"}))
+    with pytest.raises(ArithInterpError, match="third' holds neither a checkpoint nor training_log.jsonl"):
+        mul4.run_origin(model)  # a source that is there must have a log: no silent 0
+    (third / "training_log.jsonl").write_text(json.dumps({"step": 70}) + "\n")
+    assert [mul4.run_origin(r) for r in (model, after, lost)] == [70 + 150, 40 + 70 + 150, 0]
     log = [{"step": 50, "stage": 0, "removed": 21, "loss": 1.0},
            {"step": 100, "stage": 0, "removed": 21, "loss": 0.5, "eval_exact_match": 0.25,
             "eval_answer_exact_match": 0.5},
@@ -806,9 +892,10 @@ def test_run_origin_follows_warm_starts_back_to_a_fresh_run(tmp_path):
     assert list(fig.data[0].x) == [100]  # run C, no origin
 
 
-def test_run_lineage_sums_each_run_up_to_the_step_taken_from_it(tmp_path):
+def test_run_lineage_sums_each_run_up_to_the_step_taken_from_it(tmp_path, monkeypatch):
     """A chain fresh → A (taken at step 100 of 150) → B (all of its 60 steps): the totals count A's first 100
-    steps only, at A's batch; a source no longer there is marked missing; a loop is refused."""
+    steps only, at A's batch; a finished model folder taken up counts all its steps; a source no longer there is
+    marked missing; a loop is refused."""
     a, b, gone = tmp_path / "a", tmp_path / "b", tmp_path / "gone"
 
     def make(run, batch, seed, log, init=None):
@@ -831,6 +918,28 @@ def test_run_lineage_sums_each_run_up_to_the_step_taken_from_it(tmp_path):
         (str(b), 60, 13.0, 480, (5, 6)),
     ]
     assert [link["seed"] for link in links] == [0, 1]
+    # a finished model folder taken up whole (kind "local model"), and a built-in (by name, from data/models)
+    m, c, d = tmp_path / "m", tmp_path / "c", tmp_path / "d"
+    m.mkdir()
+    (m / "training_log.jsonl").write_text("\n".join(json.dumps(entry(s, 6, s / 2)) for s in (20, 40)) + "\n")
+    card = {"train_config": {"batch_size": 2, "seed": 3, "d_model": 8}, "init": {"from": str(b), "kind":
+            "run checkpoint", "step": 60}}  # fmt: skip
+    (m / "arithinterp.json").write_text(json.dumps(card))
+    make(c, 8, 1, [entry(10, 6, 1.0)])
+    (c / "init.json").write_text(json.dumps({"from": str(m), "kind": "local model", "location": str(m)}))
+    assert [(link["run"], link["steps"], link["time_s"], link["problems"]) for link in mul4.run_lineage(c)] == [
+        (str(a), 100, 25.0, 400),
+        (str(b), 60, 13.0, 480),
+        (str(m), 40, 20.0, 80),
+        (str(c), 10, 1.0, 80),
+    ]
+    monkeypatch.setattr(models, "BUILTIN_DIR", tmp_path)
+    make(d, 8, 1, [entry(10, 6, 1.0)])
+    (d / "init.json").write_text(json.dumps({"from": "m", "kind": "builtin model", "location": "elsewhere"}))
+    assert [link["run"] for link in mul4.run_lineage(d)] == [str(a), str(b), str(m), str(d)]
+    assert mul4.run_origin(d) == 100 + 60 + 40
+    (c / "init.json").write_text(json.dumps({"from": str(gone), "kind": "local model"}))
+    assert mul4.run_lineage(c)[0] == {"run": str(gone), "steps": None, "missing": True}
     (a / "init.json").write_text(json.dumps({"from": str(gone), "kind": "run checkpoint", "step": 7}))
     assert mul4.run_lineage(b)[0] == {"run": str(gone), "steps": 7, "missing": True}
     (a / "init.json").write_text(json.dumps({"from": str(b), "kind": "run checkpoint", "step": 30}))
