@@ -1156,8 +1156,8 @@ def train_mul4(cfg, out: str | Path, *, overwrite: bool = False, progress: bool 
         model.eval()
         mse = fit_aux_heads(model, aux, fa, fb, removed=sched.removals[0])
         model.train()
-        init["aux_heads"] = (f"fitted by least squares to the source's attention outputs on {len(fa)} problems "
-                             f"({init['aux_heads']})")  # fmt: skip
+        why = init["aux_heads"].removeprefix("fresh ")  # "(the source has none ...)", "(the source's heads ...)"
+        init["aux_heads"] = f"fitted by least squares to the source's attention outputs on {len(fa)} problems {why}"
         init["aux_heads_fit_mse"] = mse
     state = open_run(out, settings, overwrite=overwrite)
     if init is not None:

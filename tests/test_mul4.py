@@ -788,7 +788,8 @@ def test_a_warm_start_fits_fresh_aux_heads_to_the_sources_attention(tmp_path):
                               init_from=str(tmp_path / "sum"), aux_heads_fit=True)  # fmt: skip
     train(cfg, tmp_path / "units", progress=False, schedule=units, max_steps_this_run=0)  # saves the start
     record = json.loads((tmp_path / "units" / "init.json").read_text())
-    assert record["aux_heads"].startswith("fitted by least squares to the source's attention outputs on 4096")
+    assert record["aux_heads"] == ("fitted by least squares to the source's attention outputs on 4096 problems (the "
+                                   "source's heads regress aux_target='sum', not 'units')")  # fmt: skip
     start = torch.load(tmp_path / "units" / "checkpoint" / "checkpoint.pt", weights_only=True)["aux"]
     heads = mul4.AuxHeads(TINY["d_model"], "units")
     heads.load_state_dict(start)
