@@ -585,12 +585,18 @@ class AuxHeads(torch.nn.Module):
 
     def forward(self, attn_out: Float[Tensor, "batch pos d_model"], eq: Int[Tensor, " batch"] | None = None
                 ) -> Float[Tensor, "batch digit *two"]:  # fmt: skip
-        eq = torch.full(attn_out.shape[:1], EQ_POS) if eq is None else eq
-        idx = eq.to(attn_out.device)[:, None] + torch.arange(N_OUT, device=attn_out.device)
-        x = attn_out.gather(1, idx[:, :, None].expand(-1, -1, attn_out.shape[-1]))  # the positions predicting c_k
+        x = self.read(attn_out, eq)
         w = self.linear.weight.view(N_OUT, self.per_digit, -1)
         out = torch.einsum("bkd,kpd->bkp", x, w) + self.linear.bias.view(N_OUT, self.per_digit)
         return out[..., 0] if self.per_digit == 1 else out
+
+    @staticmethod
+    def read(attn_out: Float[Tensor, "batch pos d_model"], eq: Int[Tensor, " batch"] | None = None
+             ) -> Float[Tensor, "batch digit d_model"]:  # fmt: skip
+        """What the heads read: `attn_out` at the positions predicting c_0..c_7 (eq + k)."""
+        eq = torch.full(attn_out.shape[:1], EQ_POS) if eq is None else eq
+        idx = eq.to(attn_out.device)[:, None] + torch.arange(N_OUT, device=attn_out.device)
+        return attn_out.gather(1, idx[:, :, None].expand(-1, -1, attn_out.shape[-1]))
 
     def values(self, a: Int[Tensor, " batch"], b: Int[Tensor, " batch"]) -> Float[Tensor, "batch digit"]:
         """The number per digit the heads' target is made of: U_k for "units", else ĉ_k."""
@@ -761,9 +767,7 @@ def fit_aux_heads(model, aux: AuxHeads, a: Int[Tensor, " n"], b: Int[Tensor, " n
         for i in range(0, len(a), batch_size):
             seq = encode(a[i : i + batch_size], b[i : i + batch_size], removed).to(device)
             model(seq[:, :-1])
-            eq = equals_index(seq)
-            idx = eq[:, None] + torch.arange(N_OUT, device=device)
-            feats.append(box["attn_out"].gather(1, idx[:, :, None].expand(-1, -1, box["attn_out"].shape[-1])).cpu())
+            feats.append(aux.read(box["attn_out"], equals_index(seq)).cpu())
     finally:
         handle.remove()
     x = torch.cat(feats).double()  # (n, digit, d)
@@ -1150,9 +1154,10 @@ def train_mul4(cfg, out: str | Path, *, overwrite: bool = False, progress: bool 
     # before any write:
     init = (load_initial_weights(model, sched.init_from, seed=cfg.seed, aux=aux)
             if sched.init_from and fresh else None)  # fmt: skip
+    sampler = ProblemSampler(cfg.seed, cfg.n_test, sched.large_digit_share)
     if init is not None and sched.aux_heads_fit and aux is not None and init["aux_heads"].startswith("fresh"):
         fit_gen = torch.Generator().manual_seed(cfg.seed + AUX_FIT_SEED_OFFSET)  # not the training batches' stream
-        fa, fb = ProblemSampler(cfg.seed, cfg.n_test, sched.large_digit_share)(AUX_FIT_PROBLEMS, fit_gen)
+        fa, fb = sampler(AUX_FIT_PROBLEMS, fit_gen)
         model.eval()
         mse = fit_aux_heads(model, aux, fa, fb, removed=sched.removals[0])
         model.train()
@@ -1173,7 +1178,6 @@ def train_mul4(cfg, out: str | Path, *, overwrite: bool = False, progress: bool 
     parts = {"model": model, "opt": opt} | ({"aux": aux} if aux is not None else {})
     step, log, elapsed = restore_checkpoint(state, parts, gen) if state is not None else (0, [], 0.0)
     clock = StageClock.restored(sched, state)
-    sampler = ProblemSampler(cfg.seed, cfg.n_test, sched.large_digit_share)
     box, handle = _last_attn_capture(model) if aux is not None else ({}, None)
 
     def save() -> None:
