@@ -1038,7 +1038,8 @@ def load_initial_weights(model, source: str, *, seed: int = 0, aux: AuxHeads | N
     A source with the same layers and heads but a narrower d_model / d_mlp (whole fractions of `model`'s) is
     widened to fit by `widen_gpt2_weights` (seeded with `seed`); the record then says so under "widened".
     `aux` (the new run's running-sum heads) takes the source's heads where it has some (a checkpoint's, or a model
-    folder's `aux_heads.safetensors`) of the same width; the record's "aux_heads" says whether it did.
+    folder's `aux_heads.safetensors`) of the same width and `aux_target`; the record's "aux_heads" says whether it
+    did and why not, "aux_heads_from_source" (a bool) whether it did.
     """
     from arithinterp.models import resolve
 
@@ -1091,7 +1092,8 @@ def load_initial_weights(model, source: str, *, seed: int = 0, aux: AuxHeads | N
     if aux is not None:
         their_target = card.get("schedule", {}).get("aux_target", "sum")  # runs from before aux_target: "sum"
         fits = their_aux is not None and their_aux["linear.weight"].shape == aux.linear.weight.shape
-        if fits and their_target == aux.target:
+        record["aux_heads_from_source"] = fits and their_target == aux.target
+        if record["aux_heads_from_source"]:
             aux.load_state_dict(their_aux)
             record["aux_heads"] = "from the source"
         elif fits:
@@ -1155,7 +1157,7 @@ def train_mul4(cfg, out: str | Path, *, overwrite: bool = False, progress: bool 
     init = (load_initial_weights(model, sched.init_from, seed=cfg.seed, aux=aux)
             if sched.init_from and fresh else None)  # fmt: skip
     sampler = ProblemSampler(cfg.seed, cfg.n_test, sched.large_digit_share)
-    if init is not None and sched.aux_heads_fit and aux is not None and init["aux_heads"].startswith("fresh"):
+    if init is not None and sched.aux_heads_fit and aux is not None and not init["aux_heads_from_source"]:
         fit_gen = torch.Generator().manual_seed(cfg.seed + AUX_FIT_SEED_OFFSET)  # not the training batches' stream
         fa, fb = sampler(AUX_FIT_PROBLEMS, fit_gen)
         model.eval()
@@ -1499,7 +1501,12 @@ def seen_by_sources(run: str | Path, a: Tensor, b: Tensor) -> Tensor:
     """Which problems (a, b) a training batch of an earlier run in `run`'s lineage held (`run_lineage`, each
     source up to the checkpoint step taken from it; `replay_training_problems`). A run never draws its own
     held-out problems, but a warm start's sources, with other seeds, did not exclude them: this is the share of a
-    held-out set that the weights may have trained on. A source folder that is not there raises."""
+    held-out set that the weights may have trained on.
+
+    A source whose own held-out set (its seed and n_test) holds every problem asked about never drew any of them,
+    so it needs no replay: a lineage of one seed is answered at once, also through finished model folders, which
+    keep no checkpoint to replay against. Any other source folder that is not there, or holds no checkpoint,
+    raises."""
     links = run_lineage(run)[:-1]
     seen = torch.zeros(len(a), dtype=torch.bool)
     key = a.long() * 10**DIGITS + b.long()
@@ -1507,7 +1514,12 @@ def seen_by_sources(run: str | Path, a: Tensor, b: Tensor) -> Tensor:
         if link.get("missing"):
             raise ArithInterpError(f"{link['run']!r}, a source in the lineage of {str(run)!r}, is not there; its "
                                    "training problems cannot be replayed.")  # fmt: skip
-        seen |= _in_sorted(replay_training_problems(run_folder(link["run"]), link["steps"]), key)
+        folder = run_folder(link["run"])
+        cfg = _run_settings(folder).get("train_config", {})
+        if "seed" in cfg and "n_test" in cfg and _in_sorted(ProblemSampler(cfg["seed"], cfg["n_test"]).banned,
+                                                            key).all():  # fmt: skip
+            continue  # all of them were kept out of that run's batches
+        seen |= _in_sorted(replay_training_problems(folder, link["steps"]), key)
     return seen
 
 

@@ -714,7 +714,7 @@ def test_a_warm_start_takes_the_sources_aux_heads(tmp_path):
         assert all(torch.equal(loaded.state_dict()[k], want[k]) for k in want)
         aux = mul4.AuxHeads(cfg.d_model)
         record = mul4.load_initial_weights(build_model(cfg, mul4.N_POSITIONS_MODEL), str(tmp_path / source), aux=aux)
-        assert record["aux_heads"] == "from the source"
+        assert record["aux_heads"] == "from the source" and record["aux_heads_from_source"] is True
         assert all(torch.equal(aux.state_dict()[k], want[k]) for k in want)
     later = dataclasses.replace(sched, init_from=str(tmp_path / "done"))
     train(cfg, tmp_path / "zero", progress=False, schedule=later, max_steps_this_run=0)  # saves the start
@@ -726,16 +726,17 @@ def test_a_warm_start_takes_the_sources_aux_heads(tmp_path):
     fresh = mul4.AuxHeads(cfg.d_model)
     before = {k: v.clone() for k, v in fresh.state_dict().items()}
     record = mul4.load_initial_weights(build_model(cfg, mul4.N_POSITIONS_MODEL), str(tmp_path / "plain"), aux=fresh)
-    assert record["aux_heads"].startswith("fresh")
+    assert record["aux_heads"].startswith("fresh") and record["aux_heads_from_source"] is False
     assert all(torch.equal(fresh.state_dict()[k], before[k]) for k in before)
     other = mul4.AuxHeads(cfg.d_model, "units")  # same shape as the source's "sum" heads, another target
     before = {k: v.clone() for k, v in other.state_dict().items()}
     record = mul4.load_initial_weights(build_model(cfg, mul4.N_POSITIONS_MODEL), str(tmp_path / "done"), aux=other)
     assert record["aux_heads"] == "fresh (the source's heads regress aux_target='sum', not 'units')"
+    assert record["aux_heads_from_source"] is False
     assert all(torch.equal(other.state_dict()[k], before[k]) for k in before)
     wide, wide_cfg = mul4.AuxHeads(64), dataclasses.replace(cfg, d_model=64, d_mlp=128)
     record = mul4.load_initial_weights(build_model(wide_cfg, mul4.N_POSITIONS_MODEL), str(tmp_path / "done"), aux=wide)
-    assert record["aux_heads"].startswith("fresh") and "widened" in record
+    assert record["aux_heads"].startswith("fresh") and "widened" in record and not record["aux_heads_from_source"]
 
 
 def _last_attn_features(model, a, b):
@@ -1334,3 +1335,24 @@ def test_cli_probe_running_sum_per_digit(tmp_path, char_tokenizer, capsys):
     assert not (tmp_path / "bad").exists()
     assert main(["probe", "--store", str(tmp_path), "--target", "carry", "--out", str(tmp_path / "bad")]) == 2
     assert "which a store does not hold" in capsys.readouterr().err
+
+
+def test_seen_by_sources_needs_no_replay_for_a_sources_own_held_out_set(tmp_path, monkeypatch):
+    """A warm start from a finished model folder (no checkpoint to replay) of the same seed: its held-out set was
+    kept out of the source's batches, so none of it counts as seen, without a replay. Problems outside the source's
+    held-out set still need the replay, which a model folder cannot give: that raises."""
+    cfg = TrainConfig(task="mul4-aux", steps=4, **TINY)
+    sched = mul4.Mul4Schedule(remove_per_stage=0, smoothing=0.0, aux_weight=1.0)
+    train(cfg, tmp_path / "done", progress=False, schedule=sched)
+    assert not (tmp_path / "done" / "checkpoint").exists()
+    later = dataclasses.replace(sched, init_from=str(tmp_path / "done"))
+    train(dataclasses.replace(cfg, steps=2), tmp_path / "b", progress=False, schedule=later)
+    a, b = mul4.held_out(cfg.seed, cfg.n_test)
+    replays = []
+    monkeypatch.setattr(mul4, "replay_training_problems", lambda *args: replays.append(args) or torch.zeros(0))
+    assert not mul4.seen_by_sources(tmp_path / "b", a, b).any() and not replays
+    assert mul4.held_out_unseen(tmp_path / "b")["seen_by_sources"] == 0
+    monkeypatch.undo()
+    other_a, other_b = mul4.held_out(cfg.seed + 1, 5)  # another seed's: the source may have drawn them
+    with pytest.raises(ArithInterpError, match="holds no checkpoint"):
+        mul4.seen_by_sources(tmp_path / "b", other_a, other_b)
